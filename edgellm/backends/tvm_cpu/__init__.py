@@ -1,0 +1,78 @@
+"""edgellm's CPU compilation pipeline for Apache TVM 0.27 (Relax -> VM).
+
+``pipeline(target)`` = stock ``cpu_generic`` passes (library dispatch, legalize, fuse,
+dataflow lowering, finalize) plus
+
+* before legalization: BN folding, ``clip`` -> min/max, NHWC/HWIO conv layout
+  (``relax_passes.py``);
+* after fusion: ``tvm.s_tir.dlight.ApplyDefaultSchedule`` with edgellm's schedule rules,
+  tried in order (the first that returns a schedule wins; each returns None on any
+  function it cannot handle, leaving it untouched):
+
+  ``Matmul`` (matmul.py), ``ConvNHWC`` (conv.py), ``DepthwiseNHWC`` (depthwise.py),
+  ``Pooling`` (reduction.py), ``Elementwise`` (elementwise.py), ``RowReduction``
+  (reduction.py, softmax / layer norm), dlight.cpu ``GEMV`` and ``Reduction``, and
+  ``ParallelFallback`` (elementwise.py).
+
+Vector width comes from the target (``target_info.vector_lanes``): AVX-512 16 fp32 lanes,
+AVX2 8, NEON 4.  Threads: outer loops are ``parallel``; the TVM runtime uses
+``TVM_NUM_THREADS``.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from .target_info import num_vector_registers, vector_bits, vector_lanes
+
+__all__ = ["pipeline", "schedule_rules", "vector_lanes", "vector_bits", "num_vector_registers"]
+
+
+def schedule_rules():
+    """The ScheduleRules applied after fusion, in priority order."""
+    from tvm.s_tir import dlight
+
+    from .conv import ConvNHWC
+    from .depthwise import DepthwiseNHWC
+    from .elementwise import Elementwise, ParallelFallback
+    from .matmul import Matmul
+    from .reduction import Pooling, RowReduction
+
+    return [
+        Matmul(),
+        ConvNHWC(),
+        DepthwiseNHWC(),
+        Pooling(),
+        Elementwise(),
+        RowReduction(),
+        dlight.cpu.GEMV(),
+        ParallelFallback(),
+    ]
+
+
+def pipeline(target: "tvm.target.Target") -> "tvm.transform.Pass":
+    """A Relax->VM pipeline usable as tvm.compile(mod, target, relax_pipeline=pipeline(target))."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from tvm.s_tir import dlight
+
+    from .relax_passes import layout_passes
+
+    if not isinstance(target, tvm.target.Target):
+        target = tvm.target.Target(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgeLLMCPUPipeline")
+    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(target)
+                + [layout_passes]
+                + cpu_generic.legalize_passes(target)
+                + [dlight.ApplyDefaultSchedule(*schedule_rules())]
+                + cpu_generic.dataflow_lower_passes(target)
+                + cpu_generic.finalize_passes(target)
+            )
+            mod = seq(mod)
+        return mod
+
+    return _pipeline

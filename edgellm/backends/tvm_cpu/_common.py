@@ -1,0 +1,328 @@
+"""Shared analysis and scheduling helpers for the CPU schedule rules.
+
+Everything here works on an ``s_tir.Schedule`` of a single PrimFunc produced by
+Relax legalization + FuseOps/FuseTIR.  Helpers raise on failure; the rules wrap
+them so that a function they cannot handle is left untouched (rule returns None).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import operator
+
+from tvm import s_tir, tirx
+from tvm.sym.pattern import detect_linear_equation
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import get_extent
+
+from .target_info import num_vector_registers, vector_bits
+
+#: below this many output elements an injective loop nest is not parallelized
+#: (a TVM parallel region costs a few microseconds to launch).
+PARALLEL_MIN_ELEMS = 8192
+
+
+def debug_exception(rule: str, func) -> None:
+    """Print the traceback of a failed rule when EDGELLM_TVM_DEBUG is set."""
+    if os.environ.get("EDGELLM_TVM_DEBUG"):
+        import traceback  # pylint: disable=import-outside-toplevel
+
+        print(f"[edgellm.tvm_cpu] rule {rule} failed:")
+        traceback.print_exc()
+
+
+class NotApplicable(Exception):
+    """Raised by a matcher when a rule does not apply."""
+
+
+def prod(xs):
+    return functools.reduce(operator.mul, xs, 1)
+
+
+def static_extent(sch, loop) -> int:
+    ext = get_extent(sch, loop)
+    if not isinstance(ext, int):
+        raise NotApplicable("dynamic extent")
+    return ext
+
+
+def lanes_for(target, dtype: str) -> int:
+    bits = tirx.DataType(dtype).bits if hasattr(tirx, "DataType") else int(dtype[-2:])
+    return max(vector_bits(target) // bits, 1)
+
+
+def dtype_bits(dtype) -> int:
+    s = str(dtype)
+    digits = "".join(ch for ch in s if ch.isdigit())
+    return int(digits) if digits else 32
+
+
+def func_output_buffers(func: tirx.PrimFunc):
+    """The PrimFunc's parameter buffers (in 0.27 the params are the buffers)."""
+    params = list(func.params)
+    bmap = getattr(func, "buffer_map", None)
+    if bmap is not None:
+        params = [bmap[p] for p in params if p in bmap]
+    return _BufferSet(params)
+
+
+class _BufferSet:
+    def __init__(self, bufs):
+        self.bufs = list(bufs)
+
+    def __contains__(self, buf):
+        return any(b.same_as(buf) for b in self.bufs)
+
+
+def root_blocks(sch):
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def block_vars(expr):
+    return list(tirx.analysis.undefined_vars(expr))
+
+
+def uses_var(expr, var) -> bool:
+    return any(v.same_as(var) for v in block_vars(expr))
+
+
+def largest_pow2_divisor(n: int, cap: int, floor: int = 2) -> int | None:
+    v = cap
+    while v >= floor:
+        if n % v == 0:
+            return v
+        v //= 2
+    return None
+
+
+def schedule_injective(sch, block, lanes: int, parallel_min: int = PARALLEL_MIN_ELEMS):
+    """Vectorize the innermost dimension and parallelize the fused outer loops."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    exts = [get_extent(sch, l) for l in loops]
+    if not all(isinstance(e, int) for e in exts):
+        sch.parallel(loops[0])
+        return
+    total = prod(exts)
+    vec = None
+    if exts[-1] % lanes == 0:
+        outer_last, vec = sch.split(loops[-1], factors=[None, lanes])
+        outer = list(loops[:-1]) + [outer_last]
+    else:
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        v = largest_pow2_divisor(total, lanes)
+        if v is not None:
+            o, vec = sch.split(fused, factors=[None, v])
+            outer = [o]
+        else:
+            outer = [fused]
+    if vec is not None:
+        sch.vectorize(vec)
+    if total >= parallel_min:
+        po = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(po)
+
+
+def is_spatial_block(sch, block) -> bool:
+    stmt = sch.get(block)
+    return all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars)
+
+
+def _linear_coef(expr, var):
+    """(coef, base) of expr = coef*var + base, or None if not linear in var."""
+    res = detect_linear_equation(expr, [var])
+    if len(res) != 2:
+        return None
+    coef, base = res
+    if not isinstance(coef, tirx.IntImm) or uses_var(base, var):
+        return None
+    return int(coef), base
+
+
+class TileInfo:
+    """Analysis of a reduction block that can be register-tiled over its output."""
+
+    def __init__(self, sch, info):
+        self.info = info
+        block = info.block_rv
+        stmt = sch.get(block)
+        if len(stmt.writes) != 1 or stmt.init is None:
+            raise NotApplicable("not a single-output reduction")
+        self.out_buffer = stmt.writes[0].source
+        self.dtype = str(self.out_buffer.dtype)
+        if not self.dtype.startswith("float"):
+            raise NotApplicable("non-float output")
+        iters = info.iters
+        if any(i.kind not in "SR" for i in iters):
+            raise NotApplicable("opaque iter")
+        if not all(isinstance(i.dom, int) for i in iters):
+            raise NotApplicable("dynamic shape")
+        var2iter = {}
+        for i in iters:
+            var2iter[i.var] = i
+        w_idx = [r.min for r in stmt.writes[0].region]
+        out_iters = []
+        unit_vars = [iv.var for iv in stmt.iter_vars
+                     if isinstance(iv.dom.extent, tirx.IntImm) and int(iv.dom.extent) == 1]
+        for e in w_idx:
+            if isinstance(e, tirx.IntImm) or (
+                    isinstance(e, tirx.Var) and any(u.same_as(e) for u in unit_vars)):
+                continue  # unit dimension (dropped by normalization)
+            if not isinstance(e, tirx.Var):
+                raise NotApplicable("non-trivial output index")
+            it = next((i for i in iters if i.var.same_as(e)), None)
+            if it is None or it.kind != "S":
+                raise NotApplicable("output index not a spatial iter")
+            out_iters.append(it)
+        spatial = [i for i in iters if i.kind == "S"]
+        if len(spatial) != len(out_iters):
+            raise NotApplicable("spatial iters not all in output")
+        self.reduce = [i for i in iters if i.kind == "R"]
+        if not self.reduce:
+            raise NotApplicable("no reduction")
+        self.vec = out_iters[-1]
+        # the vector iter must be unit-stride in the last dim of every read that uses it
+        self.vec_reads = 0
+        for region in stmt.reads:
+            idx = [r.min for r in region.region]
+            if any(not isinstance(r.extent, tirx.IntImm) or int(r.extent) != 1 for r in region.region):
+                raise NotApplicable("non-point read")
+            for d, e in enumerate(idx):
+                if not uses_var(e, self.vec.var):
+                    continue
+                if d != len(idx) - 1:
+                    raise NotApplicable("vector iter in non-innermost read dim")
+                lc = _linear_coef(e, self.vec.var)
+                if lc is None or lc[0] != 1:
+                    raise NotApplicable("vector iter not unit stride")
+                self.vec_reads += 1
+        # the row iter: the closest output dim before the vector dim with extent > 1
+        self.row = None
+        for it in reversed(out_iters[:-1]):
+            if it.dom > 1:
+                self.row = it
+                break
+        self.outer = [i for i in out_iters[:-1] if i is not self.row]
+        self.out_iters = out_iters
+        self.reads = list(stmt.reads)
+
+
+def choose_tile(n: int, m: int, lanes: int, nregs: int, max_mr: int = 8, max_nv: int = 4):
+    """Pick (vl, nv, mr): vector lanes, vectors per tile row, rows per tile."""
+    vl = lanes if n % lanes == 0 else largest_pow2_divisor(n, lanes // 2, floor=4)
+    if vl is None:
+        raise NotApplicable("vector extent not divisible")
+    best = None
+    for nv in range(max_nv, 0, -1):
+        if (n // vl) % nv:
+            continue
+        for mr in range(max_mr, 0, -1):
+            if m % mr or mr * nv + nv + 1 > nregs:
+                continue
+            key = (mr * nv, -(mr + nv), nv)
+            if best is None or key > best[0]:
+                best = (key, nv, mr)
+    if best is None:
+        raise NotApplicable("no tile")
+    return vl, best[1], best[2]
+
+
+def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, max_mr=8, max_nv=4,
+                             weight_outer=None):
+    """Register-tiled schedule of a reduction whose innermost output dim is vectorizable.
+
+    Layout of the result: parallel(fused outer spatial x row tiles x vector tiles)
+    -> reduction loops -> mr (unrolled) -> nv (unrolled) -> lanes (vectorized),
+    accumulating into a local tile; epilogues are inlined into the vectorized write-back.
+    """
+    block = main_info.block_rv
+    lanes = max(vector_bits(target) // dtype_bits(tile.dtype), 1)
+    nregs = num_vector_registers(target)
+    n = tile.vec.dom
+    m = tile.row.dom if tile.row is not None else 1
+    vl, nv, mr = choose_tile(n, m, lanes, nregs, max_mr=max_mr, max_nv=max_nv)
+
+    outputs = func_output_buffers(sch.mod["main"])
+    blocks = root_blocks(sch)
+    main_name = sch.get(block).name_hint
+    pos = [sch.get(b).name_hint for b in blocks].index(main_name)
+    producers = blocks[:pos]
+    consumers = blocks[pos + 1 :]
+    for b in producers + consumers:
+        if not is_spatial_block(sch, b):
+            raise NotApplicable("more than one reduction block")
+
+    # 1. inline intermediate epilogue blocks into their consumers
+    remaining = []
+    for b in consumers:
+        stmt = sch.get(b)
+        if stmt.writes and stmt.writes[0].source not in outputs:
+            try:
+                sch.compute_inline(b)
+                continue
+            except Exception:  # pylint: disable=broad-except
+                pass
+        remaining.append(b)
+
+    # 2. tile the main block
+    loops = {i.var: i.loop_rv for i in main_info.iters}
+    vo, vi = sch.split(loops[tile.vec.var], factors=[None, nv * vl])
+    vio, vii = sch.split(vi, factors=[nv, vl])
+    if tile.row is not None:
+        ro, ri = sch.split(loops[tile.row.var], factors=[None, mr])
+    else:
+        ro = ri = None
+    outer = [loops[i.var] for i in tile.outer]
+    red = [loops[i.var] for i in tile.reduce]
+    if weight_outer is None:
+        # put the vector (output-channel) tiles outermost when the operands indexed by the
+        # vector dim are larger than the others: a panel then stays in cache across rows
+        vec_bytes = other_bytes = 0
+        for region in tile.reads:
+            size = prod(int(x) for x in region.source.shape)
+            if any(uses_var(r.min, tile.vec.var) for r in region.region):
+                vec_bytes += size
+            else:
+                other_bytes += size
+        weight_outer = vec_bytes > other_bytes and n // (nv * vl) > 1
+    tile_loops = ([vo] + outer + ([ro] if ro is not None else [])) if weight_outer else (
+        outer + ([ro] if ro is not None else []) + [vo])
+    inner = ([ri] if ri is not None else []) + [vio, vii]
+    sch.reorder(*tile_loops, *red, *inner)
+
+    # 3. local accumulator + write-back with inlined epilogues
+    wb = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(wb, tile_loops[-1], preserve_unit_loops=True)
+    leftover = []
+    for b in remaining:
+        try:
+            sch.reverse_compute_inline(b)
+        except Exception:  # pylint: disable=broad-except
+            leftover.append(b)
+
+    wb_loops = sch.get_loops(wb)[len(tile_loops):]
+    if wb_loops:
+        last = wb_loops[-1]
+        ext = static_extent(sch, last)
+        if ext % vl == 0 and ext > vl:
+            _, wv = sch.split(last, factors=[None, vl])
+            sch.vectorize(wv)
+        elif ext == vl:
+            sch.vectorize(last)
+
+    # 4. annotations, then parallel, then decompose (order matters in 0.27)
+    if ri is not None and mr > 1:
+        sch.unroll(ri)
+    if nv > 1:
+        sch.unroll(vio)
+    sch.vectorize(vii)
+    par = sch.fuse(*tile_loops) if len(tile_loops) > 1 else tile_loops[0]
+    sch.parallel(par)
+    sch.decompose_reduction(block, red[0])
+
+    # 5. everything else at root: separate parallel + vectorized loop nests
+    for b in producers + leftover:
+        schedule_injective(sch, b, lanes)
+    return sch

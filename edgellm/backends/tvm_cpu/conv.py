@@ -1,0 +1,39 @@
+"""NHWC convolution rule (after Relax ``ConvertLayout`` to NHWC/HWIO).
+
+Matches one multiply-accumulate reduction block with >= 2 reduction iters
+(``rh, rw, rc``) whose output channel (innermost output dim) is unit-stride in the
+weight and absent from the input (``pad[n, h*s+rh, w*s+rw, rc]``).  The padding producer
+stays a separate parallel+vectorized pass (inlining it puts an ``if_then_else`` in the
+inner loop).  Register tile: ``mr`` output columns (W) x ``nv*lanes`` output channels;
+BN/bias/ReLU/clip/residual epilogues inlined into the vectorized write-back.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+from ._common import debug_exception, NotApplicable, TileInfo, schedule_tiled_reduction
+from .matmul import _is_multiply_accumulate, find_single_reduction
+
+
+class ConvNHWC(CPUScheduleRule):
+    """Dense (groups=1) NHWC convolution."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            _, main = find_single_reduction(sch)
+            if not _is_multiply_accumulate(sch.get(main.block_rv)):
+                return None
+            tile = TileInfo(sch, main)
+            if len(tile.reduce) < 2 or tile.vec_reads != 1:
+                return None
+            return schedule_tiled_reduction(sch, func, target, main, tile)
+        except NotApplicable:
+            return None
+        except Exception:  # pylint: disable=broad-except
+            debug_exception(type(self).__name__, func)
+            return None

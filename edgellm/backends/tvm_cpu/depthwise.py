@@ -1,0 +1,37 @@
+"""NHWC depthwise convolution rule.
+
+Matches one multiply-accumulate reduction block over ``(rh, rw)`` only, where the channel
+(innermost output dim) is unit-stride in both the input and the weight
+(``pad[n, h*s+rh, w*s+rw, c] * w[rh, rw, 0, c]``).  Same register-tiled schedule as
+the dense conv: ``mr`` columns x ``nv*lanes`` channels, parallel over (h, tiles).
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+from ._common import debug_exception, NotApplicable, TileInfo, schedule_tiled_reduction
+from .matmul import _is_multiply_accumulate, find_single_reduction
+
+
+class DepthwiseNHWC(CPUScheduleRule):
+    """Depthwise (groups == channels) NHWC convolution."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            _, main = find_single_reduction(sch)
+            if not _is_multiply_accumulate(sch.get(main.block_rv)):
+                return None
+            tile = TileInfo(sch, main)
+            if len(tile.reduce) < 1 or tile.vec_reads != 2:
+                return None
+            return schedule_tiled_reduction(sch, func, target, main, tile, weight_outer=False)
+        except NotApplicable:
+            return None
+        except Exception:  # pylint: disable=broad-except
+            debug_exception(type(self).__name__, func)
+            return None

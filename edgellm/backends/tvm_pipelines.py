@@ -1,0 +1,43 @@
+"""The Relax pipelines edgellm compiles CPU code with, by name.
+
+The CPU schedule pipeline is one swappable piece: ``--pipeline NAME`` picks one, and the
+default is chosen by target kind. ``stock`` is TVM's own cpu_generic pipeline (legalize and
+fuse; no tiling, vectorization or threads); ``edgellm`` adds edgellm's schedule rules
+(edgellm/backends/tvm_cpu/).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from edgellm.errors import EdgeError
+
+
+def _stock(target):
+    from tvm import relax
+
+    return relax.get_default_pipeline(target)
+
+
+def _edgellm(target):
+    from edgellm.backends.tvm_cpu import pipeline
+
+    return pipeline(target)
+
+
+PIPELINES = {"stock": _stock}
+_spec = importlib.util.find_spec("edgellm.backends.tvm_cpu")
+if _spec is not None and _spec.origin is not None:
+    PIPELINES["edgellm"] = _edgellm
+
+
+def default_name() -> str:
+    return "edgellm" if "edgellm" in PIPELINES else "stock"
+
+
+def get(name: str, target):
+    if name == "default":
+        name = default_name()
+    if name not in PIPELINES:
+        raise EdgeError(f"unknown TVM pipeline {name!r}", f"known: {', '.join(PIPELINES)}")
+    return PIPELINES[name](target)

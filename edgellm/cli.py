@@ -1,0 +1,224 @@
+"""The ``edgellm`` command line: each command a few lines over edgellm.api / edgellm.runtime."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edgellm.errors import EdgeError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def friendly(fn):
+    """User mistakes become one line and exit code 2; Ctrl-C exits 130 and leaves nothing half-written."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _emit(data, as_json: bool, human) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        human(data)
+
+
+class StageProgress:
+    """Shows a spinner for the running stage and a line with its time when it ends."""
+
+    def __init__(self, quiet: bool = False):
+        self.console = _console()
+        self.quiet = quiet
+        self.status = None
+
+    def __call__(self, stage: str, seconds: float | None, detail: str) -> None:
+        if self.quiet:
+            return
+        if seconds is None:
+            self.status = self.console.status(f"{stage} ...")
+            self.status.start()
+            return
+        self.status.stop()
+        self.console.print(f"[green]✓[/green] {stage:<8} {seconds:6.1f} s  {detail}")
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgellm")
+def main():
+    """edgellm: trace, compile and package models for edge devices, then run and profile them."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def targets(as_json):
+    """List the known targets (edgellm/targets/*.toml)."""
+    from edgellm import targets as t
+
+    known = {name: target.to_dict() for name, target in t.all_targets().items()}
+    host = t.host().name
+
+    def table(data):
+        from rich.table import Table
+
+        tab = Table("target", "arch", "backends", "has", "lacks", "description", box=None)
+        for name, d in data.items():
+            tab.add_row(name + (" (host)" if name == host else ""), d["arch"], ",".join(d["backends"]),
+                        " ".join(d["has"]), " ".join(d["lacks"]), d["description"])
+        from rich.console import Console
+
+        Console(width=200).print(tab)
+
+    _emit({"host": host, "targets": known} if as_json else known, as_json, table)
+
+
+@main.command()
+@click.argument("source")
+@click.option("-t", "--target", default="host", show_default=True, help="target name, .toml file, inline JSON, or host")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="the .edgepkg to write [default: NAME.edgepkg]")
+@click.option("--backend", default="auto", show_default=True, help="tvm, or auto (the target's first)")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224", help="override an input's shape")
+@click.option("--pipeline", default="default", show_default=True, help="TVM CPU pipeline: default, edgellm, stock")
+@click.option("--tolerance", default=1e-4, show_default=True, help="max error vs the fp32 reference, relative to output scale")
+@click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON when done")
+@friendly
+def build(source, target, output, backend, input_shapes, pipeline, tolerance, as_json):
+    """Build SOURCE (model.onnx, program.pt2, file.py:fn or zoo:NAME) into an .edgepkg."""
+    from edgellm import api
+
+    progress = StageProgress(quiet=as_json)
+    try:
+        result = api.build(source, target, output, backend=backend, input_shapes=list(input_shapes),
+                           pipeline=pipeline, tolerance=tolerance, progress=progress)
+    finally:
+        progress.close()
+    _emit(result.manifest, as_json, lambda m: _console().print(
+        f"built {result.path} in {sum(result.seconds.values()):.1f} s: {m['model']['name']} for {m['target']['name']} ({m['backend']['name']})"))
+
+
+@main.command()
+@click.argument("package", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def inspect(package, as_json):
+    """Show a package's manifest: inputs, outputs, target, sizes, hashes."""
+    from edgellm import api
+
+    def human(m):
+        lines = [
+            f"{m['package']['path']}  {m['package']['size'] / 1e6:.2f} MB  sha256 {m['package']['sha256'][:16]}…",
+            f"  model     {m['model']['name']}  ({m['source']['kind']} {m['source']['ref']}, sha256 {m['source']['sha256'][:16]}…)",
+            f"  weights   {m['model']['weights'] or '-'}",
+            f"  target    {m['target']['name']} ({m['target']['arch']}; {m['target']['description']})",
+            f"  backend   {m['backend']['name']} " + " ".join(f"{k}={v}" for k, v in m["backend"].items() if k not in ("name", "module")),
+            "  inputs    " + ", ".join(f"{i['name']}: {i['dtype']}{i['shape']}" for i in m["inputs"]),
+            "  outputs   " + ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in m["outputs"]),
+            f"  verified  {m['verification']['status']}" + (f", error {m['verification']['rel_max_abs']:.2g} of output scale" if m["verification"]["status"] == "passed" else ""),
+            f"  built     {m['created']} by edgellm {m['edgellm_version']} (format {m['format_version']})",
+            "  files",
+        ]
+        lines += [f"    {name:<16} {f['size']:>10,} B  sha256 {f['sha256'][:16]}…" for name, f in m["files"].items()]
+        click.echo("\n".join(lines))
+
+    _emit(api.inspect(package), as_json, human)
+
+
+@main.command()
+@click.argument("package", type=click.Path())
+@click.option("-i", "--input", "inputs", multiple=True, help="x.npy, NAME=x.npy, or one inputs.npz [default: the package's sample]")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="write outputs to this .npz")
+@click.option("--threads", type=int, help="CPU threads [default: all cores]")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def run(package, inputs, output, threads, as_json):
+    """Run one inference of PACKAGE on inputs from files."""
+    import numpy as np
+
+    from edgellm import runtime
+    from edgellm.runtime.__main__ import read_inputs
+
+    model = runtime.load(package, threads=threads)
+    outputs = model.run(**read_inputs(model, list(inputs)))
+    if output:
+        if not output.endswith(".npz"):
+            raise EdgeError(f"output {output} should end in .npz")
+        try:
+            np.savez(output, **outputs)
+        except OSError as e:
+            raise EdgeError(f"cannot write {output}: {e.strerror}") from None
+    summary = {n: {"shape": list(a.shape), "dtype": str(a.dtype), "head": a.ravel()[:8].round(5).tolist()} for n, a in outputs.items()}
+    _emit(summary, as_json, lambda s: click.echo("\n".join(f"{n}: {v['dtype']}{v['shape']} {v['head']}…" for n, v in s.items())))
+
+
+@main.command()
+@click.argument("package", type=click.Path())
+@click.option("--runs", default=100, show_default=True)
+@click.option("--warmup", default=10, show_default=True)
+@click.option("--threads", type=int, help="CPU threads [default: all cores]")
+@click.option("--per-op", is_flag=True, help="time per fused kernel")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (schema edgellm.profile/1)")
+@friendly
+def profile(package, runs, warmup, threads, per_op, as_json):
+    """Latency p50/p90/p99, throughput, load time and memory of PACKAGE on this machine."""
+    from edgellm import runtime
+    from edgellm.runtime.profile import format_report
+
+    if runs < 1 or warmup < 0:
+        raise EdgeError("--runs must be at least 1 and --warmup at least 0")
+    report = runtime.load(package, threads=threads).profile(runs=runs, warmup=warmup, per_op=per_op)
+    _emit(report, as_json, lambda r: click.echo(format_report(r)))
+
+
+@main.command()
+@click.option("--model", default="kws-cnn", show_default=True, help="zoo model to build")
+@click.option("-o", "--output", default="build/demo.edgepkg", show_default=True, type=click.Path(dir_okay=False))
+@friendly
+def demo(model, output):
+    """Build a zoo model for this machine, load it with the runtime, run it and profile it."""
+    from edgellm import api, runtime, zoo
+    from edgellm.runtime.profile import format_report
+
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    console = _console()
+    console.print(f"[bold]1. build[/bold] zoo:{model} ({zoo.describe(model)}) for this machine")
+    progress = StageProgress()
+    try:
+        result = api.build(f"zoo:{model}", "host", output, progress=progress)
+    finally:
+        progress.close()
+    console.print(f"[bold]2. load[/bold] {result.path} with edgellm.runtime")
+    m = runtime.load(result.path)
+    click.echo(f"   {m!r}")
+    console.print("[bold]3. run[/bold] the package's example input")
+    check = m.check_reference()
+    y = m(**m.example_inputs())
+    click.echo(f"   output {y.shape}, argmax {int(y.argmax())}, max error vs PyTorch fp32 {check['max_abs']:.2g}")
+    console.print("[bold]4. profile[/bold]")
+    click.echo(format_report(m.profile(runs=100, warmup=10, per_op=True), top=8))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Run a TVM Relax VM executable with TVM's runtime library alone (3.4 MB, no compiler)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.errors import EdgeError
+
+MODULE = "model.so"
+
+
+class _Refuse:
+    """A meta-path finder that makes ``import NAME`` fail, for the duration of a with-block."""
+
+    def __init__(self, *names: str):
+        self.names = names
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in self.names:
+            raise ImportError(f"{fullname} is not imported by the edgellm runtime")
+        return None
+
+    def __enter__(self):
+        sys.meta_path.insert(0, self)
+
+    def __exit__(self, *exc):
+        sys.meta_path.remove(self)
+
+
+def import_tvm():
+    """TVM's runtime only, unless this process already loaded the full TVM.
+
+    ``TVM_USE_RUNTIME_LIB=1`` makes ``import tvm`` load libtvm_runtime.so instead of the
+    260 MB compiler. A user who sets the variable themselves keeps their choice.
+    tvm_ffi tries ``import torch`` (1.7 s) and torch's DLPack extension only to speed up
+    torch interop; the runtime takes numpy, so both are kept out.
+    """
+    if "tvm" not in sys.modules:
+        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+        os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+    try:
+        if "torch" in sys.modules:
+            import tvm
+        else:
+            with _Refuse("torch"):
+                import tvm
+        from tvm.runtime import vm  # noqa: F401
+    except ImportError as e:
+        raise EdgeError(
+            f"TVM's runtime is not installed ({e})",
+            "pip install 'edgellm[runtime]' or copy the bundle from `edgellm bundle-runtime`",
+        ) from None
+    return tvm
+
+
+def set_threads(tvm, threads: int) -> None:
+    """Size TVM's thread pool. TVM's default assumes SMT and takes half the CPUs."""
+    tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
+
+
+class Engine:
+    def __init__(self, manifest: dict, members: dict[str, bytes], threads: int):
+        if "TVM_NUM_THREADS" not in os.environ and "tvm" not in sys.modules:
+            os.environ["TVM_NUM_THREADS"] = str(threads)
+        tvm = import_tvm()
+        set_threads(tvm, threads)
+        self.threads = threads
+        self.device = tvm.cpu(0)
+        self._tensor = tvm.runtime.tensor
+        # dlopen needs a file; once loaded, the file can go (the mapping stays)
+        with tempfile.TemporaryDirectory(prefix="edgellm-") as tmp:
+            path = Path(tmp) / MODULE
+            path.write_bytes(members[MODULE])
+            lib = tvm.runtime.load_module(str(path))
+        self.vm = tvm.runtime.vm.VirtualMachine(lib, self.device)
+        self._main = self.vm["main"]
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        out = self._main(*[self._tensor(a, self.device) for a in arrays])
+        if hasattr(out, "numpy"):
+            return [out.numpy()]
+        return [o.numpy() for o in out]
+
+    def op_times(self, arrays: list[np.ndarray], runs: int) -> list[tuple[str, float]]:
+        """Seconds spent in each VM call (fused kernels and VM builtins), over ``runs`` runs.
+
+        The VM calls the instrument before and after every Call instruction; CPU kernels
+        are synchronous, so the gap is the kernel's time.
+        """
+        events: list[tuple[str, float]] = []
+        started: list[float] = []
+
+        def instrument(func, name, before_run, ret_value, *args):
+            now = time.perf_counter()
+            if before_run:
+                started.append(now)
+            else:
+                events.append((str(name), now - started.pop()))
+            return 0
+
+        inputs = [self._tensor(a, self.device) for a in arrays]
+        self.vm.set_instrument(instrument)
+        try:
+            for _ in range(runs):
+                self._main(*inputs)
+        finally:
+            self.vm.set_instrument(None)
+        return events

@@ -1,0 +1,125 @@
+"""A loaded package: numpy in, numpy out, with its own profiler."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.errors import EdgeError
+from edgellm.runtime import device, engines
+from edgellm.runtime.package import check_device, load_npz, read_package
+
+REFERENCE = "reference.npz"
+
+
+class InputError(EdgeError):
+    """The inputs given to a model do not match what it was built for."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]"
+
+
+def _specs(items: list[dict]) -> list[TensorSpec]:
+    return [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in items]
+
+
+class Model:
+    """A verified package, ready to run on this machine."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        t0 = time.perf_counter()
+        self.path = Path(path)
+        self.manifest, members = read_package(self.path)
+        check_device(self.manifest, device.cpu_flags())
+        self.inputs = _specs(self.manifest["inputs"])
+        self.outputs = _specs(self.manifest["outputs"])
+        self.threads = threads or device.cpu_count()
+        self._reference = load_npz(members[REFERENCE]) if REFERENCE in members else None
+        self._engine = engines.get(self.manifest["backend"]["name"])(self.manifest, members, self.threads)
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+        self.first_inference_ms: float | None = None
+
+    def __repr__(self) -> str:
+        ins = ", ".join(map(str, self.inputs))
+        outs = ", ".join(map(str, self.outputs))
+        return f"<edgellm Model {self.path.name} ({ins}) -> ({outs}) on {self.manifest['target']['name']}>"
+
+    def _arrange(self, args: tuple, kwargs: dict) -> list[np.ndarray]:
+        """Inputs in model order, checked for count, names, shapes and dtypes."""
+        expected = [s.name for s in self.inputs]
+        if args and kwargs:
+            raise InputError("give inputs either by position or by name, not both")
+        if kwargs:
+            unknown = sorted(set(kwargs) - set(expected))
+            if unknown:
+                raise InputError(f"unknown input {unknown[0]!r}", f"the model's inputs are {', '.join(expected)}")
+            missing = [n for n in expected if n not in kwargs]
+            if missing:
+                raise InputError(f"missing input {missing[0]!r}", f"the model's inputs are {', '.join(expected)}")
+            args = tuple(kwargs[n] for n in expected)
+        if len(args) != len(expected):
+            raise InputError(f"the model takes {len(expected)} input(s) ({', '.join(expected)}), got {len(args)}")
+        arrays = []
+        for spec, value in zip(self.inputs, args):
+            array = np.asarray(value)
+            if array.shape != spec.shape:
+                raise InputError(f"input {spec.name!r} has shape {list(array.shape)}, the model expects {list(spec.shape)}")
+            if array.dtype != np.dtype(spec.dtype):
+                raise InputError(
+                    f"input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}",
+                    f"cast it with .astype('{spec.dtype}')",
+                )
+            arrays.append(np.ascontiguousarray(array))
+        return arrays
+
+    def run(self, *args, **kwargs) -> dict[str, np.ndarray]:
+        """Outputs by name."""
+        arrays = self._arrange(args, kwargs)
+        if self.first_inference_ms is None:
+            t0 = time.perf_counter()
+            outs = self._engine.run(arrays)
+            self.first_inference_ms = (time.perf_counter() - t0) * 1e3
+        else:
+            outs = self._engine.run(arrays)
+        return {spec.name: out for spec, out in zip(self.outputs, outs)}
+
+    def __call__(self, *args, **kwargs):
+        """One output: the array; several: a tuple in manifest order."""
+        outs = list(self.run(*args, **kwargs).values())
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def example_inputs(self) -> dict[str, np.ndarray]:
+        """The sample inputs stored in the package at build time."""
+        if self._reference is None:
+            raise EdgeError(f"{self.path.name} carries no reference sample", "rebuild it with this edgellm")
+        return {s.name: self._reference[f"input.{s.name}"] for s in self.inputs}
+
+    def check_reference(self) -> dict:
+        """Run the stored sample and compare with the fp32 reference outputs stored beside it."""
+        from edgellm.runtime.accuracy import compare
+
+        got = self.run(**self.example_inputs())
+        stats = {name: compare(self._reference[f"output.{name}"], got[name]) for name in got}
+        worst = max(stats.values(), key=lambda s: s["rel_max_abs"])
+        return {"outputs": stats, "rel_max_abs": worst["rel_max_abs"], "max_abs": worst["max_abs"]}
+
+    def profile(self, runs: int = 100, warmup: int = 10, per_op: bool = False, inputs: dict | None = None) -> dict:
+        """Latency figures in the ``edgellm.profile/1`` schema (docs/profile-schema.md)."""
+        from edgellm.runtime.profile import profile
+
+        return profile(self, runs=runs, warmup=warmup, per_op=per_op, inputs=inputs)
+
+
+def load(path: str | Path, threads: int | None = None) -> Model:
+    """Verify a package (checksums, format, architecture, CPU features) and load it."""
+    return Model(path, threads=threads)

@@ -1,0 +1,116 @@
+"""Latency, throughput, load time and memory of a loaded package, in one JSON schema.
+
+The schema (``edgellm.profile/1``, documented in docs/profile-schema.md) is what every
+backend and every place (here, a device, an emulator) fills the same way.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import numpy as np
+
+from edgellm import __version__
+from edgellm.runtime import device
+
+SCHEMA = "edgellm.profile/1"
+
+
+def _peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere
+
+
+def latency_stats(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1e3
+    return {
+        "min": float(ms.min()),
+        "mean": float(ms.mean()),
+        "std": float(ms.std()),
+        "p50": float(np.percentile(ms, 50)),
+        "p90": float(np.percentile(ms, 90)),
+        "p99": float(np.percentile(ms, 99)),
+        "max": float(ms.max()),
+    }
+
+
+def per_op_table(events: list[tuple[str, float]], runs: int) -> list[dict]:
+    """Time per VM call, summed by name, per inference, largest share first."""
+    totals: dict[str, list[float]] = {}
+    for name, seconds in events:
+        totals.setdefault(name, []).append(seconds)
+    grand = sum(sum(v) for v in totals.values()) or 1.0
+    rows = [
+        {
+            "name": name,
+            "kind": "runtime" if name.startswith("vm.builtin.") else "kernel",
+            "calls": len(v) // runs,
+            "ms": sum(v) * 1e3 / runs,
+            "share": sum(v) / grand,
+        }
+        for name, v in totals.items()
+    ]
+    return sorted(rows, key=lambda r: r["ms"], reverse=True)
+
+
+def profile(model, runs: int = 100, warmup: int = 10, per_op: bool = False, inputs: dict | None = None) -> dict:
+    if runs < 1 or warmup < 0:
+        raise ValueError("runs must be >= 1 and warmup >= 0")
+    inputs = inputs if inputs is not None else model.example_inputs()
+    arrays = model._arrange((), inputs)
+    model.run(*arrays)  # the first inference, timed by the model itself
+    for _ in range(warmup):
+        model._engine.run(arrays)
+    seconds = []
+    t_all = time.perf_counter()
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        model._engine.run(arrays)
+        seconds.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - t_all
+    manifest = model.manifest
+    report = {
+        "schema": SCHEMA,
+        "edgellm_version": __version__,
+        "package": str(model.path),
+        "model": manifest.get("model", {}).get("name", model.path.stem),
+        "backend": manifest["backend"]["name"],
+        "target": manifest["target"]["name"],
+        "device": {**device.describe(), "threads": model.threads, "emulated": False},
+        "runs": runs,
+        "warmup": warmup,
+        "load_ms": model.load_ms,
+        "first_inference_ms": model.first_inference_ms,
+        "latency_ms": latency_stats(seconds),
+        "throughput_per_s": runs / wall,
+        "peak_rss_mb": _peak_rss_mb(),
+        "per_op": None,
+    }
+    if per_op:
+        op_runs = max(1, min(runs, 20))
+        report["per_op"] = per_op_table(model._engine.op_times(arrays, op_runs), op_runs)
+    return report
+
+
+def format_report(report: dict, top: int = 15) -> str:
+    """The human twin of the JSON report."""
+    lat = report["latency_ms"]
+    dev = report["device"]
+    lines = [
+        f"{report['model']}  [{report['backend']} on {report['target']}]  "
+        f"{dev['machine']} {dev['cpu']}, {dev['threads']} thread(s)" + ("  (EMULATED: not device speed)" if dev.get("emulated") else ""),
+        f"  latency ms   p50 {lat['p50']:.3f}   p90 {lat['p90']:.3f}   p99 {lat['p99']:.3f}   "
+        f"min {lat['min']:.3f}   mean {lat['mean']:.3f}   max {lat['max']:.3f}   ({report['runs']} runs, {report['warmup']} warm-up)",
+        f"  throughput   {report['throughput_per_s']:.1f} inferences/s",
+        f"  load {report['load_ms']:.1f} ms   first inference {report['first_inference_ms']:.1f} ms   peak RSS {report['peak_rss_mb']:.0f} MB",
+    ]
+    if report.get("per_op"):
+        lines.append(f"  {'share':>6}  {'ms':>9}  {'calls':>5}  op")
+        for row in report["per_op"][:top]:
+            lines.append(f"  {row['share'] * 100:5.1f}%  {row['ms']:9.3f}  {row['calls']:>5}  {row['name']}")
+        rest = report["per_op"][top:]
+        if rest:
+            lines.append(f"  {sum(r['share'] for r in rest) * 100:5.1f}%  {sum(r['ms'] for r in rest):9.3f}         ({len(rest)} more)")
+    return "\n".join(lines)
