@@ -193,6 +193,49 @@ def profile(package, runs, warmup, threads, per_op, as_json):
 
 
 @main.command()
+@click.argument("package", type=click.Path())
+@click.option("--tolerance", default=1e-4, show_default=True, help="max error vs the stored fp32 reference, relative to output scale")
+@click.option("--qemu-cpu", help="emulated core [default: the target's qemu_cpu]")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def verify(package, tolerance, qemu_cpu, as_json):
+    """Run PACKAGE's reference sample on its device, emulated when it is arm64 (qemu-user)."""
+    from edgellm.verify import verify as run_verify
+
+    console = _console()
+    result = run_verify(package, tolerance=tolerance, qemu_cpu=qemu_cpu, progress=None if as_json else lambda m: console.print(f"  {m}"))
+
+    def human(r):
+        where = f"emulated {r['arch']} ({r['qemu_cpu']}; emulated time is not device speed)" if r["emulated"] else f"this {r['arch']} machine"
+        if r["passed"]:
+            click.echo(f"PASS {r['target']} on {where}: max error {r['max_abs']:.3g} ({r['rel_max_abs']:.3g} of output scale) in {r['seconds']:.1f} s")
+        else:
+            click.echo(f"FAIL {r['target']} on {where}: {r['problem']}")
+
+    _emit(result, as_json, human)
+    if not result["passed"]:
+        sys.exit(1)
+
+
+@main.command("bundle-runtime")
+@click.option("-t", "--target", default="host", show_default=True, help="target whose architecture the bundle is for")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="new folder to write")
+@click.option("--python", "python_version", default="3.11", show_default=True, help="the device's CPython version")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def bundle_runtime(target, output, python_version, as_json):
+    """Write the files a device needs to run packages: edgellm's runtime + pinned, pruned TVM runtime wheels."""
+    from edgellm import targets as t
+    from edgellm.bundle import bundle_runtime as make_bundle
+
+    console = _console()
+    result = make_bundle(t.resolve(target).arch, Path(output), python_version, progress=None if as_json else lambda m: console.print(f"  {m}"))
+    _emit(result, as_json, lambda r: click.echo(
+        f"wrote {r['path']}: {r['size_bytes'] / 1e6:.1f} MB for {r['arch']} / CPython {r['python']} "
+        f"(pruned {r['pruned_bytes'] / 1e6:.0f} MB of compiler and unused parts)\non the device: {r['usage']}"))
+
+
+@main.command()
 @click.option("--model", default="kws-cnn", show_default=True, help="zoo model to build")
 @click.option("-o", "--output", default="build/demo.edgepkg", show_default=True, type=click.Path(dir_okay=False))
 @friendly

@@ -33,7 +33,8 @@ class Target:
     lacks: list[str] = field(default_factory=list)
     cores: int = 1
     vector_bits: int = 128
-    cpu: str = ""  # the core, for emulation (QEMU_CPU) and reports, e.g. cortex-a72
+    cpu: str = ""  # the core, for reports, e.g. cortex-a72
+    qemu_cpu: str = ""  # the core qemu-user emulates for `edgellm verify` (QEMU_CPU)
 
     def to_dict(self) -> dict:
         return asdict(self)

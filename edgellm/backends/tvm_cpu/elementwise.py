@@ -15,7 +15,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-from ._common import debug_exception, (PARALLEL_MIN_ELEMS, dtype_bits, func_output_buffers, is_spatial_block, prod,
+from ._common import (PARALLEL_MIN_ELEMS, debug_exception, dtype_bits, func_output_buffers, is_spatial_block, prod,
                       root_blocks, schedule_injective, static_extent, uses_var)
 from .target_info import vector_bits
 
