@@ -7,7 +7,7 @@ import importlib
 
 from edgellm.errors import EdgeError
 
-KNOWN = ("tvm",)
+KNOWN = ("tvm", "openvino")
 
 
 def get(name: str):

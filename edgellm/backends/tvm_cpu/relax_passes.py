@@ -4,6 +4,8 @@
   any BatchNorm left for inference).
 * ``clip(x, lo, hi)`` -> ``minimum(maximum(x, lo), hi)``: ConvertLayout has no layout
   rule for ``clip`` (ReLU6) and would wrap every ReLU6 in two transposes.
+* gelu decomposition + ``FastMathTransform``: fast (polynomial, vectorizable) exp, erf,
+  tanh, softmax instead of scalar libm calls.
 * NHWC/HWIO conv2d via ``ConvertLayout`` + ``FoldConstant`` (weights are constants, so
   the HWIO transpose is folded at compile time).
 """
@@ -15,20 +17,26 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 
+def _scalar(value):
+    """Python float of a prim-value argument (FloatImm / IntImm, or wrapped), else None."""
+    for cand in (value, getattr(value, "value", None)):
+        v = getattr(cand, "value", None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
 def _rewrite_clip(func):
     x = wildcard()
     pattern = is_op("relax.clip")(x, wildcard(), wildcard())
 
     def rewriter(expr, matches):
-        sinfo = expr.struct_info
-        if not isinstance(sinfo, relax.TensorStructInfo) or sinfo.dtype not in ("float32", "float16"):
+        sinfo = getattr(expr, "ty", None)
+        if not isinstance(sinfo, relax.TensorType) or sinfo.dtype not in ("float32", "float16"):
             return expr
         _, lo, hi = expr.args
-        if not isinstance(lo, relax.PrimValue) or not isinstance(hi, relax.PrimValue):
-            return expr
-        try:
-            lo_v, hi_v = float(lo.value.value), float(hi.value.value)
-        except Exception:  # pylint: disable=broad-except
+        lo_v, hi_v = _scalar(lo), _scalar(hi)
+        if lo_v is None or hi_v is None:
             return expr
         dt = sinfo.dtype
         return relax.op.minimum(relax.op.maximum(matches[x], relax.const(lo_v, dt)),
@@ -42,6 +50,32 @@ def clip_to_min_max(mod, _ctx):
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
             mod[gv] = _rewrite_clip(func)
+    return mod
+
+
+def _rewrite_gelu(func):
+    x = wildcard()
+    pattern = is_op("relax.nn.gelu")(x)
+
+    def rewriter(expr, matches):
+        sinfo = getattr(expr, "ty", None)
+        if not isinstance(sinfo, relax.TensorType) or sinfo.dtype != "float32":
+            return expr
+        dt = sinfo.dtype
+        xv = matches[x]
+        erf = relax.op.erf(relax.op.multiply(xv, relax.const(0.7071067811865476, dt)))
+        half = relax.const(0.5, dt)
+        return relax.op.multiply(xv, relax.op.add(half, relax.op.multiply(erf, half)))
+
+    return rewrite_call(pattern, rewriter, func)
+
+
+@tvm.transform.module_pass(opt_level=0, name="EdgeDecomposeGelu")
+def decompose_gelu(mod, _ctx):
+    """gelu(x) -> x * (0.5 + 0.5 * erf(x / sqrt 2)), so that FastMath reaches its erf."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = _rewrite_gelu(func)
     return mod
 
 
@@ -67,6 +101,10 @@ def layout_passes(mod, _ctx):
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
         clip_to_min_max,
+        # vectorizable polynomial exp / erf / tanh (softmax, gelu): the llvm intrinsics
+        # become scalar libm calls (~7 ns / element)
+        decompose_gelu,
+        relax.transform.FastMathTransform(),
     ]
     for step in steps:
         try:
