@@ -51,6 +51,8 @@ def _stage(name: str, progress: Progress | None, seconds: dict, detail: list):
 def _choose_backend(recipe: BuildRecipe, target: targets.Target) -> str:
     if recipe.backend == "auto":
         return target.backends[0]
+    if recipe.backend not in backends.KNOWN:
+        raise EdgeError(f"unknown backend {recipe.backend!r}", f"known backends: {', '.join(backends.KNOWN)}")
     if recipe.backend not in target.backends:
         raise EdgeError(f"target {target.name} does not allow backend {recipe.backend!r}", f"allowed: {', '.join(target.backends)}")
     return recipe.backend
@@ -65,8 +67,13 @@ def _verify(compiled_files: dict, traced, target, backend_info: dict, tolerance:
         check_device({"target": target.to_dict()}, device.cpu_flags())
     except EdgeError as e:
         return {"status": "skipped", "reason": f"{e.problem}; run it on the device with `python -m edgellm.runtime check`"}
+    from edgellm.runtime.cuda import NoGPUError
+
     members = {name: Path(p).read_bytes() for name, p in compiled_files.items()}
-    engine = engines.get(backend_info["name"])({"backend": backend_info}, members, device.cpu_count())
+    try:
+        engine = engines.get(backend_info["name"])({"backend": backend_info, "target": target.to_dict()}, members, device.cpu_count())
+    except NoGPUError as e:  # a GPU target on a machine without that GPU
+        return {"status": "skipped", "reason": f"{e.problem}; run it on the device with `python -m edgellm.runtime check`"}
     got = engine.run([traced.example_inputs[s.name] for s in traced.inputs])
     stats = {spec.name: compare(traced.reference[spec.name], out) for spec, out in zip(traced.outputs, got)}
     worst = max(s["rel_max_abs"] for s in stats.values())

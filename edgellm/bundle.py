@@ -36,14 +36,21 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def bundle_runtime(arch: str, output: Path, python_version: str = "3.11", progress=None) -> dict:
-    """Write the runtime bundle for ``arch`` (aarch64 | x86_64) and CPython ``python_version``."""
+# CUDA packages also need the CUDA runtime TVM's libtvm_runtime_cuda.so links (libcudart.so.13); the driver
+# (libcuda.so.1) comes with the device's NVIDIA driver
+CUDA_WHEELS = ["nvidia-cuda-runtime==13.0.96"]
+
+
+def bundle_runtime(arch: str, output: Path, python_version: str = "3.11", progress=None, cuda: bool = False) -> dict:
+    """Write the runtime bundle for ``arch`` (aarch64 | x86_64) and CPython ``python_version``.
+
+    ``cuda``: for CUDA targets: keeps TVM's CUDA runtime and adds libcudart (edgellm/runtime/cuda.py)."""
     from edgellm import emulate
 
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise EdgeError(f"{output} exists and is not empty", "give a new folder")
-    wheels = emulate.runtime_wheels(python_version, arch)
+    wheels = emulate.runtime_wheels(python_version, arch) + (CUDA_WHEELS if cuda else [])
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -57,13 +64,19 @@ def bundle_runtime(arch: str, output: Path, python_version: str = "3.11", progre
             raise EdgeError(f"pip could not fetch the runtime wheels for {arch}: {proc.stderr.strip().splitlines()[-1][:300]}",
                             "check access to PyPI")
         before = folder_size(tmp)
-        freed = emulate.prune_tvm_runtime(tmp)
+        freed = emulate.prune_tvm_runtime(tmp, keep_cuda=cuda)
+        if cuda:  # the CUDA wheel's headers, static libs and tools: not needed to run
+            for rel in ("nvidia/cu13/include", "nvidia/cu13/bin"):
+                shutil.rmtree(tmp / rel, ignore_errors=True)
+            freed += sum(p.stat().st_size for p in (tmp / "nvidia").rglob("*.a") if p.is_file())
+            for p in (tmp / "nvidia").rglob("*.a"):
+                p.unlink()
         shutil.rmtree(tmp / "bin", ignore_errors=True)
         copy_runtime_sources(tmp)
         tmp.rename(output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"path": str(output), "arch": arch, "python": python_version, "requires": wheels,
+    return {"path": str(output), "arch": arch, "python": python_version, "requires": wheels, "cuda": cuda,
             "size_bytes": folder_size(output), "unpruned_bytes": before, "pruned_bytes": freed,
             "usage": f"PYTHONPATH={output} python3 -m edgellm.runtime profile PKG"}

@@ -39,9 +39,9 @@ def _unsupported(traced: Traced, ops: list[str]) -> str:
     """'op (node a, b)' for each op OpenVINO could not convert, so the user can find it."""
     parts = []
     for op in ops:
-        if traced.kind == "torch":  # aten._linalg_det.default, or a Python builtin like <built-in function getitem>
-            nodes = [n.name for n in traced.graph.graph.nodes if n.op == "call_function" and (str(n.target) == op or
-                     str(n.target) == op.removeprefix("aten.") or f"aten.{n.target}" == op or repr(n.target) == op)]
+        if traced.kind == "torch":  # OpenVINO names ops after decomposition: aten._linalg_det.default for linalg_det
+            stem = op.split(".")[1].lstrip("_") if op.startswith("aten.") else op
+            nodes = [n.name for n in traced.graph.graph.nodes if n.op == "call_function" and stem in str(n.target)]
         else:  # ONNX: "Op" in the default domain, "domain.Op" in another one
             nodes = [n.name or f"#{i}" for i, n in enumerate(traced.graph.graph.node)
                      if op in (n.op_type, f"{n.domain}.{n.op_type}")]

@@ -88,12 +88,20 @@ class Backend:
     name = "tvm"
 
     def check(self, target: Target) -> None:
+        if target.tvm.get("kind") == "cuda":  # NVIDIA GPUs: edgellm/backends/tvm_cuda.py
+            from edgellm.backends import tvm_cuda
+
+            return tvm_cuda.check(target)
         if target.tvm.get("kind") != "llvm":
             raise EdgeError(f"this edgellm's TVM backend compiles for CPUs (llvm); target {target.name} is {target.tvm.get('kind')!r}")
 
     def compile(self, traced: Traced, target: Target, options: dict, workdir: Path) -> Compiled:
         import platform
 
+        if target.tvm.get("kind") == "cuda":
+            from edgellm.backends import tvm_cuda
+
+            return tvm_cuda.compile(self, traced, target, options, workdir)
         tvm = import_compiler()
         self.check(target)
         mod = to_relax(traced)

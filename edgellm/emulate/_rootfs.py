@@ -115,12 +115,15 @@ _RUNTIME_ONLY_REMOVE: tuple[str, ...] = (
 # libtvm_runtime_extra.so 1.2 MB.  numpy (24 MB + 29 MB numpy.libs/OpenBLAS) and ml_dtypes (1.9 MB) stay as they are.
 
 
-def prune_tvm_runtime(site_packages_dir: str | os.PathLike) -> int:
+def prune_tvm_runtime(site_packages_dir: str | os.PathLike, keep_cuda: bool = False) -> int:
     """Delete the parts of the tvm / tvm_ffi wheels that a runtime-only (TVM_USE_RUNTIME_LIB=1) Relax VM
-    never touches; return the number of bytes freed.  See the module comments for what and why."""
+    never touches; return the number of bytes freed.  See the module comments for what and why.
+    ``keep_cuda`` keeps tvm/lib/libtvm_runtime_cuda.so, which CUDA packages load (edgellm/runtime/cuda.py)."""
     sp = pathlib.Path(site_packages_dir)
     freed = 0
     for rel in _ALWAYS_REMOVE + _RUNTIME_ONLY_REMOVE:
+        if keep_cuda and rel == "tvm/lib/libtvm_runtime_cuda.so":
+            continue
         for p in sp.glob(rel):
             if p.is_dir() and not p.is_symlink():
                 freed += _du(p)

@@ -230,7 +230,8 @@ def choose_tile(n: int, m: int, lanes: int, nregs: int, max_mr: int = 8, max_nv:
 
 
 def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, max_mr=8, max_nv=4,
-                             weight_outer=None):
+                             weight_outer=None, producers_at_tile=False,
+                             unroll_reduction=False):
     """Register-tiled schedule of a reduction whose innermost output dim is vectorizable.
 
     Layout of the result: parallel(fused outer spatial x row tiles x vector tiles)
@@ -286,7 +287,7 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
                 vec_bytes += size
             else:
                 other_bytes += size
-        weight_outer = vec_bytes > other_bytes and n // (nv * vl) > 1
+        weight_outer = vec_bytes >= other_bytes and n // (nv * vl) > 1
     tile_loops = ([vo] + outer + ([ro] if ro is not None else [])) if weight_outer else (
         outer + ([ro] if ro is not None else []) + [vo])
     inner = ([ri] if ri is not None else []) + [vio, vii]
@@ -312,7 +313,31 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
         elif ext == vl:
             sch.vectorize(last)
 
+    # producers (padding) computed per tile: only for ops without reuse across tiles
+    # (depthwise), where materializing the whole padded input costs a full memory pass
+    at_tile = []
+    if producers_at_tile:
+        for b in reversed(producers):
+            try:
+                sch.compute_at(b, tile_loops[-1], preserve_unit_loops=True)
+                at_tile.append(b)
+            except Exception:  # pylint: disable=broad-except
+                pass
+        for b in at_tile:
+            p_loops = sch.get_loops(b)[len(tile_loops):]
+            if p_loops:
+                ext = get_extent(sch, p_loops[-1])
+                if isinstance(ext, int) and ext % vl == 0:
+                    if ext > vl:
+                        _, pv = sch.split(p_loops[-1], factors=[None, vl])
+                        sch.vectorize(pv)
+                    else:
+                        sch.vectorize(p_loops[-1])
+
     # 4. annotations, then parallel, then decompose (order matters in 0.27)
+    if unroll_reduction:
+        for r in red:
+            sch.unroll(r)
     if ri is not None and mr > 1:
         sch.unroll(ri)
     if nv > 1:
@@ -323,6 +348,6 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
     sch.decompose_reduction(block, red[0])
 
     # 5. everything else at root: separate parallel + vectorized loop nests
-    for b in producers + leftover:
+    for b in [p for p in producers if not any(p.same_as(a) for a in at_tile)] + leftover:
         schedule_injective(sch, b, lanes)
     return sch

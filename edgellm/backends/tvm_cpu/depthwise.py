@@ -11,8 +11,23 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-from ._common import debug_exception, NotApplicable, TileInfo, schedule_tiled_reduction
+from ._common import (NotApplicable, TileInfo, _linear_coef, debug_exception,
+                      prod, schedule_tiled_reduction, uses_var)
 from .matmul import _is_multiply_accumulate, find_single_reduction
+
+
+def _row_stride(tile) -> int:
+    """Coefficient of the output-row (W) iter in the input access (the conv stride)."""
+    if tile.row is None:
+        return 1
+    stride = 1
+    for region in tile.reads:
+        for r in region.region:
+            if uses_var(r.min, tile.row.var):
+                lc = _linear_coef(r.min, tile.row.var)
+                if lc is not None:
+                    stride = max(stride, lc[0])
+    return stride
 
 
 class DepthwiseNHWC(CPUScheduleRule):
@@ -29,7 +44,11 @@ class DepthwiseNHWC(CPUScheduleRule):
             tile = TileInfo(sch, main)
             if len(tile.reduce) < 1 or tile.vec_reads != 2:
                 return None
-            return schedule_tiled_reduction(sch, func, target, main, tile, weight_outer=False)
+            # strided (downsampling) depthwise: pad per tile instead of a full padded copy of
+            # the (4x larger) input; stride 1: a separate vectorized pad pass is faster
+            return schedule_tiled_reduction(sch, func, target, main, tile, weight_outer=False,
+                                            producers_at_tile=_row_stride(tile) > 1,
+                                            unroll_reduction=False)
         except NotApplicable:
             return None
         except Exception:  # pylint: disable=broad-except

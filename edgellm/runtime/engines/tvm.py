@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edgellm.errors import EdgeError
+from edgellm.runtime import cuda
 
 MODULE = "model.so"
 
@@ -71,7 +72,8 @@ class Engine:
         tvm = import_tvm()
         set_threads(tvm, threads)
         self.threads = threads
-        self.device = tvm.cpu(0)
+        self.cuda = cuda.is_cuda(manifest)  # NVIDIA GPU package: edgellm/runtime/cuda.py
+        self.device = cuda.device(tvm, manifest) if self.cuda else tvm.cpu(0)
         self._tensor = tvm.runtime.tensor
         # dlopen needs a file; once loaded, the file can go (the mapping stays)
         with tempfile.TemporaryDirectory(prefix="edgellm-") as tmp:
@@ -83,6 +85,8 @@ class Engine:
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         out = self._main(*[self._tensor(a, self.device) for a in arrays])
+        if self.cuda:  # kernels run asynchronously: the inference ends when the GPU is done
+            self.device.sync()
         if hasattr(out, "numpy"):
             return [out.numpy()]
         return [o.numpy() for o in out]
@@ -91,12 +95,16 @@ class Engine:
         """Seconds spent in each VM call (fused kernels and VM builtins), over ``runs`` runs.
 
         The VM calls the instrument before and after every Call instruction; CPU kernels
-        are synchronous, so the gap is the kernel's time.
+        are synchronous, so the gap is the kernel's time; GPU kernels are not, so the GPU is
+        synchronized before and after each call.
         """
         events: list[tuple[str, float]] = []
         started: list[float] = []
 
+        sync = self.device.sync if self.cuda else (lambda: None)
+
         def instrument(func, name, before_run, ret_value, *args):
+            sync()
             now = time.perf_counter()
             if before_run:
                 started.append(now)

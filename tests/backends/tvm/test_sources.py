@@ -113,8 +113,10 @@ def test_unsupported_onnx_op_is_named_with_its_node(tmp_path):
 
 
 def test_wrong_backend_for_target(tmp_path):
-    with pytest.raises(EdgeError, match="does not allow backend 'openvino'"):
-        api.build("zoo:kws-cnn", "x86_64", tmp_path / "x.edgepkg", backend="openvino")
+    with pytest.raises(EdgeError, match="unknown backend 'tensorrt'"):
+        api.build("zoo:kws-cnn", "x86_64", tmp_path / "x.edgepkg", backend="tensorrt")
+    with pytest.raises(EdgeError, match="target rpi4 does not allow backend 'openvino'"):
+        api.build("zoo:kws-cnn", "rpi4", tmp_path / "x.edgepkg", backend="openvino")
 
 
 def test_interrupted_build_leaves_no_package(tmp_path, monkeypatch):

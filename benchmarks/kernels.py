@@ -1,0 +1,162 @@
+"""Kernel benchmarks for edgellm's TVM CPU pipeline (figures, not asserts).
+
+* matmul 1024^3 (+ bias): GFLOP/s of ``edgellm.backends.tvm_cpu.pipeline`` vs numpy BLAS
+  (and the stock TVM cpu_generic pipeline with ``--stock``);
+* conv2d 3x3, 56x56x64 -> 64 (+ ReLU): ms of the pipeline vs torch and onnxruntime.
+
+All in one process, each timed as the best median of several repeats.  Usage::
+
+    python benchmarks/kernels.py --threads 2 [--mcpu x86-64-v4] [--stock]
+
+``--threads`` sets TVM_NUM_THREADS (before TVM's thread pool starts), torch's and
+onnxruntime's intra-op threads and OpenBLAS/OMP/MKL threads for numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mcpu", default="x86-64-v4", help="llvm mcpu (x86-64-v4: AVX-512, x86-64-v3: AVX2)")
+    p.add_argument("--size", type=int, default=1024, help="matmul M = N = K")
+    p.add_argument("--stock", action="store_true", help="also time the stock cpu_generic pipeline")
+    p.add_argument("--repeat", type=int, default=5)
+    return p.parse_args()
+
+
+ARGS = _parse()
+for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = str(ARGS.threads)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
+
+from edgellm.backends.tvm_cpu import pipeline  # noqa: E402
+
+
+def best_median(fn, number: int, repeat: int) -> float:
+    """Seconds per call: the best (over ``repeat``) median-free mean of ``number`` calls."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / number)
+    return best
+
+
+def compile_torch(model, x, target, use_pipeline=True):
+    ep = torch.export.export(model.eval(), (x,))
+    mod = from_exported_program(ep)
+    t0 = time.perf_counter()
+    ex = tvm.compile(mod, target, relax_pipeline=pipeline(target) if use_pipeline else "default")
+    ctime = time.perf_counter() - t0
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm, ctime
+
+
+def time_vm(vm, x, number, repeat):
+    arg = tvm.runtime.tensor(x.numpy())
+    vm["main"](arg)
+    res = vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)(arg)
+    return min(res.results)
+
+
+class Linear(torch.nn.Module):
+    def __init__(self, k, n):
+        super().__init__()
+        self.fc = torch.nn.Linear(k, n)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class ConvReLU(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+def main():
+    torch.set_num_threads(ARGS.threads)
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": ARGS.mcpu})
+    rows = []
+
+    # ---- matmul (+ bias) ----
+    n = ARGS.size
+    flops = 2.0 * n * n * n
+    torch.manual_seed(0)
+    lin = Linear(n, n).eval()
+    x = torch.randn(n, n)
+    vm, ctime = compile_torch(lin, x, target)
+    t_tvm = time_vm(vm, x, number=10, repeat=ARGS.repeat)
+    a = x.numpy()
+    w = lin.fc.weight.detach().numpy().T.copy()
+    b = lin.fc.bias.detach().numpy()
+    t_np = best_median(lambda: a @ w + b, number=10, repeat=ARGS.repeat)
+    t_torch = best_median(lambda: lin(x), number=10, repeat=ARGS.repeat)
+    rows.append((f"matmul {n}^3 +bias", "edgellm TVM", t_tvm, flops, ctime))
+    rows.append((f"matmul {n}^3 +bias", "numpy BLAS", t_np, flops, None))
+    rows.append((f"matmul {n}^3 +bias", "torch", t_torch, flops, None))
+    if ARGS.stock:
+        vm_s, ctime_s = compile_torch(lin, x, target, use_pipeline=False)
+        rows.append((f"matmul {n}^3 +bias", "stock TVM", time_vm(vm_s, x, 1, 2), flops, ctime_s))
+    ref = rows[1][2]
+    _table("matmul", rows, ref)
+
+    # ---- conv2d 3x3 56x56x64 ----
+    rows = []
+    conv = ConvReLU().eval()
+    xc = torch.randn(1, 64, 56, 56)
+    cflops = 2.0 * 56 * 56 * 64 * 64 * 9
+    vm, ctime = compile_torch(conv, xc, target)
+    rows.append(("conv3x3 56x56x64", "edgellm TVM", time_vm(vm, xc, 50, ARGS.repeat), cflops, ctime))
+    with torch.no_grad():
+        rows.append(("conv3x3 56x56x64", "torch", best_median(lambda: conv(xc), 50, ARGS.repeat),
+                     cflops, None))
+    try:
+        import onnxruntime as ort
+
+        path = "/tmp/edgellm_bench_conv.onnx"
+        torch.onnx.export(conv, (xc,), path, dynamo=False, opset_version=17)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = ARGS.threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: xc.numpy()}
+        rows.append(("conv3x3 56x56x64", "onnxruntime",
+                     best_median(lambda: sess.run(None, feed), 50, ARGS.repeat), cflops, None))
+        ref = rows[-1][2]
+    except Exception as err:  # pylint: disable=broad-except
+        print("onnxruntime unavailable:", err)
+        ref = rows[1][2]
+    if ARGS.stock:
+        vm_s, ctime_s = compile_torch(conv, xc, target, use_pipeline=False)
+        rows.append(("conv3x3 56x56x64", "stock TVM", time_vm(vm_s, xc, 1, 2), cflops, ctime_s))
+    _table("conv2d", rows, ref)
+
+
+def _table(title, rows, ref):
+    print(f"\n== {title} (threads={ARGS.threads}, mcpu={ARGS.mcpu}); ratio = time / reference ==")
+    print(f"{'kernel':22s} {'impl':12s} {'ms':>9s} {'GFLOP/s':>9s} {'ratio':>7s} {'compile s':>9s}")
+    for name, impl, t, fl, ct in rows:
+        cts = f"{ct:9.1f}" if ct is not None else f"{'':9s}"
+        print(f"{name:22s} {impl:12s} {t * 1e3:9.3f} {fl / t / 1e9:9.1f} {t / ref:7.2f} {cts}")
+
+
+if __name__ == "__main__":
+    main()

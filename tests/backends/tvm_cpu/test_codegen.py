@@ -1,0 +1,94 @@
+"""Properties of the generated code: vector width per target, vectorized + parallel loops."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from conftest import AVX2, AVX512, NEON, compile_model, to_relax, tvm
+
+
+def _scheduled(model, x, target_dict):
+    """The PrimFuncs after edgellm's schedule rules (before lowering)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cg
+    from tvm.s_tir import dlight
+
+    from edgellm.backends.tvm_cpu import schedule_rules
+    from edgellm.backends.tvm_cpu.relax_passes import layout_passes
+
+    target = tvm.target.Target(target_dict)
+    mod = to_relax(model, x)
+    with target:
+        mod = tvm.transform.Sequential(
+            [layout_passes] + cg.legalize_passes(target)
+            + [dlight.ApplyDefaultSchedule(*schedule_rules())])(mod)
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def test_vector_lanes_from_target():
+    from edgellm.backends.tvm_cpu import vector_lanes
+
+    assert vector_lanes(tvm.target.Target(AVX512)) == 16
+    assert vector_lanes(tvm.target.Target(AVX2)) == 8
+    assert vector_lanes(tvm.target.Target(NEON)) == 4
+
+
+@pytest.mark.parametrize("target,lanes", [(AVX512, 16), (AVX2, 8)], ids=["avx512", "avx2"])
+def test_matmul_is_tiled_vectorized_parallel(target, lanes):
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
+    funcs = _scheduled(model, torch.randn(64, 256), target)
+    mm = [f for n, f in funcs.items() if "matmul" in n]
+    assert mm, funcs.keys()
+    text = mm[0].script()
+    assert "is_scheduled" in text
+    assert "T.parallel(" in text
+    assert re.search(rf"T\.vectorized\(T\.int64\({lanes}\)\)", text), text
+    assert 'scope="local"' in text  # register-tile accumulator
+    assert "T.max(" in text  # relu folded into the write-back
+
+
+def test_every_function_is_parallel_or_tiny():
+    """No PrimFunc of a small transformer block is left unscheduled."""
+    from test_numerics import Attention
+
+    funcs = _scheduled(Attention(d=128, h=4), torch.randn(1, 64, 128), AVX512)
+    for name, f in funcs.items():
+        text = f.script()
+        assert "is_scheduled" in text, name
+
+
+def test_avx512_asm_uses_zmm():
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU())
+    ex = compile_model(model, torch.randn(32, 128), AVX512)
+    asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ex.mod.inspect_source("asm")
+    assert re.search(r"vfmadd\w*ps\s+.*zmm", asm), "no 512-bit FMA in the generated code"
+
+
+def test_arm64_compiles():
+    from test_numerics import Attention, ConvBnRelu, Depthwise
+
+    compile_model(Attention(), torch.randn(1, 16, 64), NEON)
+    compile_model(ConvBnRelu(), torch.randn(1, 16, 12, 12), NEON)
+    compile_model(Depthwise(), torch.randn(1, 32, 12, 12), NEON)
+
+
+def test_rule_leaves_unmatched_function_untouched():
+    """A rule that does not apply returns None (function left as is)."""
+    from tvm.script import tirx as T
+
+    from edgellm.backends.tvm_cpu.conv import ConvNHWC
+    from edgellm.backends.tvm_cpu.matmul import Matmul
+
+    @T.prim_func(private=True, s_tir=True)
+    def add(a: T.Buffer((T.int64(4), T.int64(32)), "float32"),
+            b: T.Buffer((T.int64(4), T.int64(32)), "float32")):
+        for i, j in T.grid(T.int64(4), T.int64(32)):
+            with T.sblock("add"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                b[vi, vj] = a[vi, vj] + T.float32(1.0)
+
+    target = tvm.target.Target(AVX512)
+    assert Matmul().apply(add, target, False) is None
+    assert ConvNHWC().apply(add, target, False) is None

@@ -1,0 +1,111 @@
+"""Numerics of small torch models compiled with edgellm's TVM CPU pipeline vs torch fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import AVX2, AVX512, check_close, randomize_bn
+
+torch.manual_seed(0)
+
+
+class MatmulBiasGelu(nn.Module):
+    def __init__(self, k=96, n=160):
+        super().__init__()
+        self.fc = nn.Linear(k, n)
+
+    def forward(self, x):
+        return F.gelu(self.fc(x))
+
+
+class ConvBnRelu(nn.Module):
+    def __init__(self, cin=16, cout=32, stride=1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 1, bias=True)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        return F.relu(self.conv2(y) + y)
+
+
+class Depthwise(nn.Module):
+    def __init__(self, c=32, stride=1):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu6(self.bn(self.dw(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, d=64, h=4):
+        super().__init__()
+        self.h = h
+        self.qkv = nn.Linear(d, 3 * d)
+        self.o = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q = q.view(b, s, self.h, -1).transpose(1, 2)
+        k = k.view(b, s, self.h, -1).transpose(1, 2)
+        v = v.view(b, s, self.h, -1).transpose(1, 2)
+        a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.h) ** 0.5, dim=-1) @ v
+        return self.ln(x + self.o(a.transpose(1, 2).reshape(b, s, d)))
+
+
+class AvgPoolLinear(nn.Module):
+    def __init__(self, c=32, n=10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.fc = nn.Linear(c, n)
+
+    def forward(self, x):
+        y = F.avg_pool2d(torch.relu(self.conv(x)), 2)
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_matmul_bias_gelu():
+    check_close(MatmulBiasGelu(), torch.randn(2, 24, 96))
+
+
+def test_matmul_odd_shapes():
+    # N = 100 is not a multiple of 16 lanes, M = 7 is prime
+    check_close(MatmulBiasGelu(k=33, n=100), torch.randn(7, 33))
+
+
+def test_conv_bn_relu():
+    check_close(randomize_bn(ConvBnRelu()), torch.randn(1, 16, 20, 20))
+
+
+def test_conv_stride2():
+    check_close(randomize_bn(ConvBnRelu(cin=8, cout=48, stride=2)), torch.randn(1, 8, 28, 28))
+
+
+def test_depthwise():
+    check_close(randomize_bn(Depthwise()), torch.randn(1, 32, 28, 28))
+
+
+def test_depthwise_stride2():
+    check_close(randomize_bn(Depthwise(c=48, stride=2)), torch.randn(1, 48, 14, 14))
+
+
+def test_attention_softmax_layernorm():
+    check_close(Attention(), torch.randn(1, 32, 64))
+
+
+def test_avgpool_linear():
+    check_close(AvgPoolLinear(), torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("target", [AVX2], ids=["avx2"])
+def test_avx2_target(target):
+    check_close(Attention(), torch.randn(1, 16, 64), target)
+    check_close(randomize_bn(ConvBnRelu()), torch.randn(1, 16, 12, 12), target)
