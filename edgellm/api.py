@@ -48,45 +48,105 @@ def _stage(name: str, progress: Progress | None, seconds: dict, detail: list):
         progress(name, seconds[name], detail[0] if detail else "")
 
 
-def _choose_backend(recipe: BuildRecipe, target: targets.Target) -> str:
+def _candidates(recipe: BuildRecipe, target: targets.Target) -> list[str]:
+    """The backends to try: the one asked for, the target's first (default), or all it allows (auto)."""
     if recipe.backend == "auto":
-        return target.backends[0]
+        return list(target.backends)
+    if recipe.backend == "default":
+        return target.backends[:1]
     if recipe.backend not in backends.KNOWN:
-        raise EdgeError(f"unknown backend {recipe.backend!r}", f"known backends: {', '.join(backends.KNOWN)}")
+        raise EdgeError(f"unknown backend {recipe.backend!r}", f"known backends: default, auto, {', '.join(backends.KNOWN)}")
     if recipe.backend not in target.backends:
         raise EdgeError(f"target {target.name} does not allow backend {recipe.backend!r}", f"allowed: {', '.join(target.backends)}")
-    return recipe.backend
+    return [recipe.backend]
 
 
-def _verify(compiled_files: dict, traced, target, backend_info: dict, tolerance: float) -> dict:
-    """Run the compiled module here when this machine can, and compare with the fp32 reference."""
+def _local_engine(compiled, target: targets.Target):
+    """(engine, None) running the compiled files on this machine, or (None, why not) when it is not the device."""
     from edgellm.runtime import engines
+    from edgellm.runtime.cuda import NoGPUError
     from edgellm.runtime.package import check_device
 
+    where = "run it on the device with `python -m edgellm.runtime check` or `edgellm verify`"
     try:
         check_device({"target": target.to_dict()}, device.cpu_flags())
     except EdgeError as e:
-        return {"status": "skipped", "reason": f"{e.problem}; run it on the device with `python -m edgellm.runtime check`"}
-    from edgellm.runtime.cuda import NoGPUError
-
-    members = {name: Path(p).read_bytes() for name, p in compiled_files.items()}
+        return None, f"{e.problem}; {where}"
+    members = {name: Path(p).read_bytes() for name, p in compiled.files.items()}
     try:
-        engine = engines.get(backend_info["name"])({"backend": backend_info, "target": target.to_dict()}, members, device.cpu_count())
+        return engines.get(compiled.info["name"])({"backend": compiled.info, "target": target.to_dict()}, members, device.cpu_count()), None
     except NoGPUError as e:  # a GPU target on a machine without that GPU
-        return {"status": "skipped", "reason": f"{e.problem}; run it on the device with `python -m edgellm.runtime check`"}
+        return None, f"{e.problem}; {where}"
+
+
+def _check(engine, traced, tolerance: float) -> dict:
+    """Compare the compiled model's outputs on the example inputs with the fp32 reference."""
     got = engine.run([traced.example_inputs[s.name] for s in traced.inputs])
     stats = {spec.name: compare(traced.reference[spec.name], out) for spec, out in zip(traced.outputs, got)}
     worst = max(s["rel_max_abs"] for s in stats.values())
-    if worst > tolerance:
-        raise EdgeError(f"the compiled model disagrees with the fp32 reference: error {worst:.3g} of the output scale > tolerance {tolerance:g}",
+    status = "passed" if worst <= tolerance else "failed"
+    return {"status": status, "tolerance": tolerance, "rel_max_abs": worst, "outputs": stats}
+
+
+def _p50_ms(engine, traced, runs: int = 20, warmup: int = 3) -> float:
+    arrays = [traced.example_inputs[s.name] for s in traced.inputs]
+    for _ in range(warmup):
+        engine.run(arrays)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        engine.run(arrays)
+        times.append(time.perf_counter() - t0)
+    return float(sorted(times)[len(times) // 2] * 1e3)
+
+
+def _try_backend(name, traced, tgt, options, workdir, tolerance, measure, stage) -> dict:
+    """Compile with one backend, check it against the reference here, and time it when asked."""
+    trial: dict = {"backend": name}
+    impl = backends.get(name)
+    detail: list[str] = []
+    with stage(f"compile {name}" if measure else "compile", detail):
+        impl.check(tgt)
+        trial["compiled"] = compiled = impl.compile(traced, tgt, options, workdir)
+        detail.append(f"{name} for {tgt.name}" + (f", pipeline {compiled.info['pipeline']}" if "pipeline" in compiled.info else ""))
+    detail = []
+    with stage(f"verify {name}" if measure else "verify", detail):
+        engine, why_not = _local_engine(compiled, tgt)
+        trial["verification"] = {"status": "skipped", "reason": why_not} if engine is None else _check(engine, traced, tolerance)
+        v = trial["verification"]
+        detail.append(f"skipped: {why_not}" if engine is None else
+                      f"{v['status']}: max error {v['rel_max_abs']:.2g} of output scale (tolerance {tolerance:g})")
+    if measure and engine is not None and trial["verification"]["status"] == "passed":
+        detail = []
+        with stage(f"measure {name}", detail):
+            trial["p50_ms"] = _p50_ms(engine, traced)
+            detail.append(f"p50 {trial['p50_ms']:.3f} ms with {device.cpu_count()} threads")
+    return trial
+
+
+def _choose(trials: list[dict], auto: bool) -> tuple[dict, dict | None]:
+    """The trial to package, and (for auto) the comparison that decided it."""
+    good = [t for t in trials if t.get("verification", {}).get("status") in ("passed", "skipped")]
+    if not good:
+        reasons = "; ".join(f"{t['backend']}: {t.get('error') or 'error %.3g of the output scale' % t['verification']['rel_max_abs']}" for t in trials)
+        raise EdgeError(f"no backend produced a model that matches the fp32 reference ({reasons})",
                         "report this as a compiler bug, or raise --tolerance if the drop is expected")
-    return {"status": "passed", "tolerance": tolerance, "rel_max_abs": worst, "outputs": stats}
+    timed = [t for t in good if "p50_ms" in t]
+    chosen = min(timed, key=lambda t: t["p50_ms"]) if timed else good[0]
+    if not auto:
+        return chosen, None
+    why = "fastest correct backend measured on this machine" if timed else "first allowed backend (this machine is not the device: not measured)"
+    table = [{"backend": t["backend"], **({"p50_ms": t["p50_ms"]} if "p50_ms" in t else {}),
+              "status": t.get("verification", {}).get("status", "failed"),
+              **({"rel_max_abs": t["verification"]["rel_max_abs"]} if "rel_max_abs" in t.get("verification", {}) else {}),
+              **({"error": t["error"]} if "error" in t else {})} for t in trials]
+    return chosen, {"chosen": chosen["backend"], "why": why, "threads": device.cpu_count(), "trials": table}
 
 
-def build(source: str, target: str | targets.Target = "host", output: str | Path | None = None, *, backend: str = "auto",
+def build(source: str, target: str | targets.Target = "host", output: str | Path | None = None, *, backend: str = "default",
           input_shapes: list[str] | dict | None = None, pipeline: str = "default", tolerance: float = 1e-4,
           progress: Progress | None = None) -> BuildResult:
-    """source -> trace -> compile -> verify -> package. Writes ``output`` atomically."""
+    """source -> trace -> compile -> verify (-> measure, for backend="auto") -> package. Writes ``output`` atomically."""
     from edgellm import source as sources
     from edgellm.trace import parse_shapes, trace
 
@@ -94,32 +154,39 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
     shapes = parse_shapes(input_shapes)
     recipe = BuildRecipe(source=source, target=tgt.name if isinstance(target, str) and target == "host" else str(getattr(target, "name", target)),
                          backend=backend, input_shapes={k: list(v) for k, v in shapes.items()}, pipeline=pipeline, tolerance=tolerance)
-    backend_name = _choose_backend(recipe, tgt)
-    impl = backends.get(backend_name)
-    impl.check(tgt)
+    candidates = _candidates(recipe, tgt)
+    auto = recipe.backend == "auto"
+    if not auto:
+        backends.get(candidates[0]).check(tgt)
     out = check_output(output or f"{Path(source.split(':')[-1] if source.startswith('zoo:') else source.split(':')[0]).stem}.edgepkg")
     seconds: dict[str, float] = {}
 
+    def stage(name, detail):
+        return _stage(name, progress, seconds, detail)
+
     detail: list[str] = []
-    with _stage("source", progress, seconds, detail):
+    with stage("source", detail):
         src = sources.load(source)
         detail.append(f"{src.kind} {src.name}" + (f", weights: {src.weights}" if src.weights else ""))
     detail = []
-    with _stage("trace", progress, seconds, detail):
+    with stage("trace", detail):
         traced = trace(src, shapes)
         detail.append(", ".join(map(str, traced.inputs)) + " -> " + ", ".join(map(str, traced.outputs)))
     with tempfile.TemporaryDirectory(prefix="edgellm-build-") as tmp:
+        trials = []
+        for name in candidates:
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            try:
+                trials.append(_try_backend(name, traced, tgt, {"pipeline": pipeline}, workdir, tolerance, auto, stage))
+            except EdgeError as e:
+                if not auto:
+                    raise
+                trials.append({"backend": name, "error": e.problem})
+        chosen, comparison = _choose(trials, auto)
+        compiled, verification = chosen["compiled"], chosen["verification"]
         detail = []
-        with _stage("compile", progress, seconds, detail):
-            compiled = impl.compile(traced, tgt, {"pipeline": pipeline}, Path(tmp))
-            detail.append(f"{backend_name} for {tgt.name}" + (f", pipeline {compiled.info['pipeline']}" if "pipeline" in compiled.info else ""))
-        detail = []
-        with _stage("verify", progress, seconds, detail):
-            verification = _verify(compiled.files, traced, tgt, compiled.info, tolerance)
-            detail.append(f"max error {verification['rel_max_abs']:.2g} of output scale (tolerance {tolerance:g})"
-                          if verification["status"] == "passed" else f"skipped: {verification['reason']}")
-        detail = []
-        with _stage("package", progress, seconds, detail):
+        with stage("package", detail):
             members = {name: Path(p).read_bytes() for name, p in compiled.files.items()}
             members["reference.npz"] = npz_bytes({**{f"input.{k}": v for k, v in traced.example_inputs.items()},
                                                   **{f"output.{k}": v for k, v in traced.reference.items()}})
@@ -131,6 +198,7 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
                 "source": {"ref": source, "kind": src.kind, "sha256": src.sha256, **src.info},
                 "target": tgt.to_dict(),
                 "backend": compiled.info,
+                "backend_choice": comparison,
                 "runtime_requires": compiled.runtime_requires,
                 "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in traced.inputs],
                 "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in traced.outputs],
@@ -138,7 +206,7 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
                 "verification": verification,
                 "build": {"host": platform.machine(), "seconds": {k: round(v, 3) for k, v in seconds.items()}},
             }, members)
-            detail.append(f"{out} ({out.stat().st_size / 1e6:.2f} MB)")
+            detail.append(f"{out} ({out.stat().st_size / 1e6:.2f} MB)" + (f", backend {chosen['backend']}: {comparison['why']}" if auto else ""))
     return BuildResult(out, manifest, seconds)
 
 

@@ -99,7 +99,7 @@ def targets(as_json):
 @click.argument("source")
 @click.option("-t", "--target", default="host", show_default=True, help="target name, .toml file, inline JSON, or host")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="the .edgepkg to write [default: NAME.edgepkg]")
-@click.option("--backend", default="auto", show_default=True, help="tvm, or auto (the target's first)")
+@click.option("--backend", default="default", show_default=True, help="tvm, openvino, default (the target's first) or auto (build with each the target allows, keep the fastest correct)")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224", help="override an input's shape")
 @click.option("--pipeline", default="default", show_default=True, help="TVM CPU pipeline: default, edgellm, stock")
 @click.option("--tolerance", default=1e-4, show_default=True, help="max error vs the fp32 reference, relative to output scale")
@@ -229,10 +229,31 @@ def bundle_runtime(target, output, python_version, as_json):
     from edgellm.bundle import bundle_runtime as make_bundle
 
     console = _console()
-    result = make_bundle(t.resolve(target).arch, Path(output), python_version, progress=None if as_json else lambda m: console.print(f"  {m}"))
+    tgt = t.resolve(target)
+    result = make_bundle(tgt.arch, Path(output), python_version, progress=None if as_json else lambda m: console.print(f"  {m}"),
+                         cuda=tgt.tvm.get("kind") == "cuda")
     _emit(result, as_json, lambda r: click.echo(
         f"wrote {r['path']}: {r['size_bytes'] / 1e6:.1f} MB for {r['arch']} / CPython {r['python']} "
         f"(pruned {r['pruned_bytes'] / 1e6:.0f} MB of compiler and unused parts)\non the device: {r['usage']}"))
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--runs", default=50, show_default=True)
+@click.option("--warmup", default=5, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (schema edgellm.bench/1)")
+@click.option("--html", type=click.Path(dir_okay=False), help="also write a page with a bar chart")
+@friendly
+def bench(sources, runs, warmup, threads, as_json, html):
+    """Time SOURCES (zoo:NAME, file.py:fn, model.onnx) with edgellm against PyTorch, ONNX Runtime and OpenVINO."""
+    from edgellm.bench import bench as run_bench, format_table, write_html
+
+    console = _console()
+    report = run_bench(list(sources), threads, runs, warmup, Path("build") / "bench", progress=None if as_json else lambda m: console.print(f"  {m}"))
+    _emit(report, as_json, lambda r: click.echo(format_table(r)))
+    if html:
+        write_html(report, html)
 
 
 @main.command()

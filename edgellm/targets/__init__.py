@@ -77,9 +77,9 @@ def all_targets() -> dict[str, Target]:
 
 
 def host() -> Target:
-    """The most capable bundled target this machine can run."""
+    """The most capable bundled CPU target this machine can run (GPU targets are never implied)."""
     arch, flags = platform.machine(), cpu_flags()
-    fits = [t for t in all_targets().values() if t.arch == arch and set(t.has) <= flags]
+    fits = [t for t in all_targets().values() if t.arch == arch and t.tvm.get("kind") == "llvm" and set(t.has) <= flags]
     if not fits:
         raise EdgeError(f"no bundled target runs on this {arch} machine", "pass --target NAME or a target file")
     return max(fits, key=lambda t: (len(t.has), t.vector_bits))

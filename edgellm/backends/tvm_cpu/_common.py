@@ -316,6 +316,8 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
     # producers (padding) computed per tile: only for ops without reuse across tiles
     # (depthwise), where materializing the whole padded input costs a full memory pass
     at_tile = []
+    if producers_at_tile == "single_vector_tile":
+        producers_at_tile = n == nv * vl
     if producers_at_tile:
         for b in reversed(producers):
             try:

@@ -31,7 +31,10 @@ class ConvNHWC(CPUScheduleRule):
             tile = TileInfo(sch, main)
             if len(tile.reduce) < 2 or tile.vec_reads != 1:
                 return None
-            return schedule_tiled_reduction(sch, func, target, main, tile)
+            return schedule_tiled_reduction(sch, func, target, main, tile,
+                                            # one output-channel tile: no reuse of a padded
+                                            # input across tiles -> pad per tile, in cache
+                                            producers_at_tile="single_vector_tile")
         except NotApplicable:
             return None
         except Exception:  # pylint: disable=broad-except

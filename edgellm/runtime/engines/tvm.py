@@ -61,14 +61,18 @@ def import_tvm():
 
 
 def set_threads(tvm, threads: int) -> None:
-    """Size TVM's thread pool. TVM's default assumes SMT and takes half the CPUs."""
+    """Size TVM's thread pool.
+
+    TVM caps the pool at TVM_NUM_THREADS, read when the pool is first made; unset, it assumes SMT
+    and takes half the CPUs, and a request beyond the cap pins this thread to one core (which then
+    slows every other library in the process). So the cap is set to all cores first.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
 
 
 class Engine:
     def __init__(self, manifest: dict, members: dict[str, bytes], threads: int):
-        if "TVM_NUM_THREADS" not in os.environ and "tvm" not in sys.modules:
-            os.environ["TVM_NUM_THREADS"] = str(threads)
         tvm = import_tvm()
         set_threads(tvm, threads)
         self.threads = threads

@@ -1,0 +1,52 @@
+"""`--backend auto` decides by measurement; `edgellm bench` runs every engine side by side."""
+
+import json
+import os
+
+import pytest
+
+from edgellm import api, runtime
+from tests.conftest import run_cli
+
+pytest.importorskip("openvino")
+
+
+def test_auto_builds_every_allowed_backend_and_keeps_the_fastest_correct(tmp_path):
+    result = api.build("zoo:kws-cnn", "host", tmp_path / "k.edgepkg", backend="auto")
+    choice = result.manifest["backend_choice"]
+    trials = {t["backend"]: t for t in choice["trials"]}
+    assert set(trials) == set(result.manifest["target"]["backends"]) >= {"tvm", "openvino"}
+    assert all(t["status"] == "passed" and t["rel_max_abs"] <= 1e-4 for t in trials.values())
+    fastest = min(trials.values(), key=lambda t: t["p50_ms"])["backend"]
+    assert choice["chosen"] == fastest == result.manifest["backend"]["name"]
+    assert runtime.load(result.path).check_reference()["rel_max_abs"] <= 1e-4
+
+
+def test_auto_for_a_cross_target_takes_the_first_allowed_without_measuring(tmp_path):
+    result = api.build("zoo:kws-cnn", "rpi4", tmp_path / "k.edgepkg", backend="auto")
+    assert result.manifest["backend_choice"]["chosen"] == "tvm"
+    assert "not measured" in result.manifest["backend_choice"]["why"]
+
+
+def test_tvm_threads_follow_the_request_without_pinning_the_process(kws_pkg):
+    """TVM pins the calling thread to one core when asked for more threads than its cap: never here."""
+    import tvm
+
+    before = os.sched_getaffinity(0)
+    model = runtime.load(kws_pkg, threads=2)
+    model(**model.example_inputs())
+    assert os.sched_getaffinity(0) == before
+    assert tvm.runtime.num_threads() == min(2, len(before))
+
+
+def test_bench_reports_every_engine_with_accuracy(tmp_path):
+    proc = run_cli("bench", "zoo:kws-cnn", "--runs", "3", "--warmup", "1", "--json", "--html", str(tmp_path / "b.html"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    engines = report["models"][0]["engines"]
+    assert {"pytorch", "onnxruntime", "openvino", "edgellm-tvm", "edgellm-openvino"} <= set(engines)
+    assert min(e["ratio_to_best_peer"] for k, e in engines.items() if k in ("pytorch", "onnxruntime", "openvino")) == pytest.approx(1.0)
+    for name in ("edgellm-tvm", "edgellm-openvino"):
+        assert engines[name]["rel_max_abs"] <= 1e-4 and engines[name]["package_bytes"] > 0
+    assert report["models"][0]["auto_choice"] in ("edgellm-tvm", "edgellm-openvino")
+    assert "data:image/png;base64," in (tmp_path / "b.html").read_text()
