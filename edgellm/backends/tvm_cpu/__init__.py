@@ -5,9 +5,11 @@ dataflow lowering, finalize) plus
 
 * before legalization: BN folding, ``clip`` -> min/max, NHWC/HWIO conv layout
   (``relax_passes.py``);
-* after fusion: ``tvm.s_tir.dlight.ApplyDefaultSchedule`` with edgellm's schedule rules,
-  tried in order (the first that returns a schedule wins; each returns None on any
-  function it cannot handle, leaving it untouched):
+* after fusion: edgellm's schedule rules (dlight ``ScheduleRule`` s), applied like
+  ``tvm.s_tir.dlight.ApplyDefaultSchedule`` -- tried in order, the first that returns a
+  schedule wins, each returns None on a function it cannot handle -- by
+  ``apply.ApplyVerifiedSchedule``, which also rejects a schedule that fails to lower
+  (then the next rule is tried, and an unmatched function is left untouched):
 
   ``Matmul`` (matmul.py), ``ConvNHWC`` (conv.py), ``DepthwiseNHWC`` (depthwise.py),
   ``Pooling`` (reduction.py), ``Elementwise`` (elementwise.py), ``RowReduction``
@@ -56,6 +58,7 @@ def pipeline(target: "tvm.target.Target") -> "tvm.transform.Pass":
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight
 
+    from .apply import ApplyVerifiedSchedule
     from .relax_passes import layout_passes
 
     if not isinstance(target, tvm.target.Target):
@@ -68,7 +71,7 @@ def pipeline(target: "tvm.target.Target") -> "tvm.transform.Pass":
                 cpu_generic.library_dispatch_passes(target)
                 + [layout_passes]
                 + cpu_generic.legalize_passes(target)
-                + [dlight.ApplyDefaultSchedule(*schedule_rules())]
+                + [ApplyVerifiedSchedule(*schedule_rules())]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
             )

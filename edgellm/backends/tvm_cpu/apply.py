@@ -1,0 +1,71 @@
+"""``ApplyVerifiedSchedule``: dlight's ApplyDefaultSchedule, plus a safety net.
+
+Like ``tvm.s_tir.dlight.ApplyDefaultSchedule`` (first rule that returns a schedule wins),
+except that each scheduled PrimFunc is run through the target's TIR lowering pipeline
+in isolation before it is accepted; a schedule that does not lower (an unsupported
+vectorize, a bad annotation...) is rejected and the next rule is tried, so a rule can
+never break the build.  Set ``EDGELLM_TVM_VERIFY=0`` to skip the check.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.ir.transform import module_pass
+
+from ._common import debug_exception
+
+
+def _is_scheduled(func) -> bool:
+    return "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1
+
+
+def _lowers(func, target) -> bool:
+    try:
+        pipeline = tvm.tirx.get_default_tir_pipeline(target)
+        if isinstance(pipeline, tuple):
+            pipeline = pipeline[0]
+        mod = tvm.IRModule({"main": func.with_attr("target", target)
+                            .with_attr("global_symbol", "main")})
+        with target:
+            pipeline(mod)
+        return True
+    except Exception:  # pylint: disable=broad-except
+        debug_exception("lowering check", func)
+        return False
+
+
+@module_pass(opt_level=0, name="EdgeApplyVerifiedSchedule")
+class ApplyVerifiedSchedule:  # pylint: disable=too-few-public-methods
+    """Apply the first ScheduleRule whose schedule lowers, to every unscheduled PrimFunc."""
+
+    def __init__(self, *rules):
+        self.rules = list(rules)
+        self.verify = os.environ.get("EDGELLM_TVM_VERIFY", "1") != "0"
+
+    def transform_module(self, mod, _ctx):  # pylint: disable=missing-function-docstring
+        updated = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            target = func.attrs.get("target", None) or tvm.target.Target.current(allow_none=False)
+            for rule in self.rules:
+                try:
+                    sch = rule.apply(func, target, False)
+                except Exception:  # pylint: disable=broad-except
+                    debug_exception(type(rule).__name__, func)
+                    sch = None
+                if sch is None:
+                    continue
+                if isinstance(sch, (list, tuple)):
+                    sch = sch[0]
+                new = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                if self.verify and not _lowers(new, target):
+                    continue
+                updated[gv] = new
+                break
+        for gv, func in updated.items():
+            mod[gv] = func
+        return mod
