@@ -32,7 +32,7 @@ def _emulated(arch: str) -> bool:
         return False
     if arch == "aarch64" and host == "x86_64":
         return True
-    raise EdgeError(f"cannot verify a {arch} package on this {host} machine", f"run `python3 -m edgellm.runtime check` on the device")
+    raise EdgeError(f"cannot verify a {arch} package on this {host} machine", "run `python3 -m edgellm.runtime check` on the device")
 
 
 def verify(path: str | Path, tolerance: float = 1e-4, qemu_cpu: str | None = None, progress=None) -> dict:

@@ -24,16 +24,18 @@ def _full_tvm():
 
 @pytest.fixture(scope="session")
 def packages(tmp_path_factory):
-    """zoo name -> built .edgepkg for this machine (built on first use, once per session)."""
-    from edgellm import api
+    """(zoo name, target, backend) -> built .edgepkg (built on first use, once per session)."""
+    from edgellm import api, targets
 
     out = tmp_path_factory.mktemp("pkgs")
     cache: dict[str, Path] = {}
 
-    def get(name: str, target: str = "host") -> Path:
-        key = f"{name}@{target}"
+    def get(name: str, target: str = "host", backend: str = "default") -> Path:
+        if backend == "default":
+            backend = targets.resolve(target).backends[0]
+        key = f"{name}-{target}-{backend}"
         if key not in cache:
-            cache[key] = api.build(f"zoo:{name}", target, out / f"{name}-{target}.edgepkg").path
+            cache[key] = api.build(f"zoo:{name}", target, out / f"{key}.edgepkg", backend=backend).path
         return cache[key]
 
     return get
@@ -42,6 +44,16 @@ def packages(tmp_path_factory):
 @pytest.fixture(scope="session")
 def kws_pkg(packages) -> Path:
     return packages("kws-cnn")
+
+
+def import_blocker(*names: str) -> str:
+    """Python source that makes importing any of ``names`` (or their submodules) fail, for purity tests."""
+    return (f"import sys\nBLOCKED = {names!r}\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if any(name == b or name.startswith(b + '.') for b in BLOCKED):\n"
+            "            raise ImportError('blocked by the purity test: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n")
 
 
 def run_cli(*args: str, cwd=None, env=None):

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from edgellm import api, runtime, zoo  # noqa: E402
 from edgellm.errors import EdgeError  # noqa: E402
 from edgellm.runtime.accuracy import compare  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from tests.conftest import ROOT, import_blocker  # noqa: E402
 
 TOLERANCE = 1e-4  # max |error| relative to the output's scale, max(1, max|ref|)
 
@@ -35,36 +35,8 @@ def _own_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ov_packages(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ov-pkgs")
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = api.build(f"zoo:{name}", "host", out / f"{name}.edgepkg", backend="openvino").path
-        return cache[name]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def kws_ov(ov_packages):
-    return ov_packages("kws-cnn")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "kws-cnn" else pytest.mark.slow) for n in zoo.names()])
-def test_zoo_package_matches_pytorch(ov_packages, name):
-    model = runtime.load(ov_packages(name))
-    spec = zoo.build(name)
-    with torch.no_grad():
-        expected = spec.module(*spec.inputs.values())
-    got = model(**{k: v.numpy() for k, v in spec.inputs.items()})
-    stats = compare(expected.numpy(), got)
-    assert stats["rel_max_abs"] <= TOLERANCE, stats
-    assert model.manifest["verification"]["status"] == "passed"
-    assert [s.name for s in model.inputs] == list(spec.inputs)
-    assert [s.name for s in model.outputs] == spec.output_names
-    assert model.check_reference()["rel_max_abs"] <= TOLERANCE
+def kws_ov(packages):
+    return packages("kws-cnn", backend="openvino")
 
 
 def test_fresh_inputs_agree_too(kws_ov):
@@ -172,15 +144,9 @@ def test_unconvertible_op_is_named(tmp_path):
     assert "\n" not in str(info.value)
 
 
-PURE = r"""
-import json, re, sys
-BLOCKED = ("torch", "onnx", "onnxruntime", "click", "rich", "tvm", "edgellm.api", "edgellm.backends", "edgellm.cli",
-           "openvino.tools", "openvino.frontend.pytorch", "openvino.frontend.onnx")
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-            raise ImportError("blocked by the purity test: " + name)
-sys.meta_path.insert(0, Block())
+PURE = import_blocker("torch", "onnx", "onnxruntime", "click", "rich", "tvm", "edgellm.api", "edgellm.backends", "edgellm.cli",
+                      "openvino.tools", "openvino.frontend.pytorch", "openvino.frontend.onnx") + r"""
+import json, re
 import edgellm.runtime as rt
 m = rt.load(sys.argv[1], threads=1)
 check = m.check_reference()

@@ -5,17 +5,11 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, import_blocker
 
-SCRIPT = r"""
-import json, sys
-BLOCKED = ("torch", "onnx", "onnxruntime", "click", "rich", "tvm.relax", "tvm.s_tir", "tvm.script.parser", "edgellm.api",
-           "edgellm.backends", "edgellm.cli")
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-            raise ImportError("blocked by the purity test: " + name)
-sys.meta_path.insert(0, Block())
+SCRIPT = import_blocker("torch", "onnx", "onnxruntime", "click", "rich", "tvm.relax", "tvm.s_tir", "tvm.script.parser", "edgellm.api",
+                        "edgellm.backends", "edgellm.cli") + r"""
+import json
 import edgellm.runtime as rt
 m = rt.load(sys.argv[1], threads=1)
 check = m.check_reference()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgellm import api, runtime, zoo
+from edgellm import api, runtime
 from edgellm.errors import EdgeError
 from edgellm.runtime.accuracy import compare
 from tests.conftest import ROOT

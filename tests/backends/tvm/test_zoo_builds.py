@@ -1,27 +1,12 @@
-"""Every zoo model, built with TVM for this machine, matches its PyTorch fp32 reference."""
+"""TVM packages of zoo models: fresh inputs agree with PyTorch, and the manifest describes the build."""
 
 import numpy as np
-import pytest
 import torch
 
 from edgellm import runtime, zoo
 from edgellm.runtime.accuracy import compare
 
 TOLERANCE = 1e-4  # max |error| relative to the output's scale, max(1, max|ref|)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "kws-cnn" else pytest.mark.slow) for n in zoo.names()])
-def test_zoo_package_matches_pytorch(packages, name):
-    model = runtime.load(packages(name))
-    spec = zoo.build(name)
-    with torch.no_grad():
-        expected = spec.module(*spec.inputs.values())
-    got = model(**{k: v.numpy() for k, v in spec.inputs.items()})
-    stats = compare(expected.numpy(), got)
-    assert stats["rel_max_abs"] <= TOLERANCE, stats
-    assert model.manifest["verification"]["status"] == "passed"
-    assert [s.name for s in model.inputs] == list(spec.inputs)
-    assert [s.name for s in model.outputs] == spec.output_names
 
 
 def test_package_runs_on_new_inputs_too(kws_pkg):
