@@ -24,11 +24,13 @@ AVX2 8, NEON 4.  Threads: outer loops are ``parallel``; the TVM runtime uses
 from __future__ import annotations
 
 import tvm
-from tvm import relax
 
-from .target_info import num_vector_registers, vector_bits, vector_lanes
+from .target_info import num_vector_registers as num_vector_registers  # noqa: F401
+from .target_info import vector_bits as vector_bits  # noqa: F401
+from .target_info import vector_lanes as vector_lanes  # noqa: F401
 
-__all__ = ["pipeline", "schedule_rules", "vector_lanes", "vector_bits", "num_vector_registers"]
+# the public entry point; schedule_rules / vector_lanes stay importable for tests and tools
+__all__ = ["pipeline"]
 
 
 def schedule_rules():
@@ -56,7 +58,6 @@ def schedule_rules():
 def pipeline(target: "tvm.target.Target") -> "tvm.transform.Pass":
     """A Relax->VM pipeline usable as tvm.compile(mod, target, relax_pipeline=pipeline(target))."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-    from tvm.s_tir import dlight
 
     from .apply import ApplyVerifiedSchedule
     from .relax_passes import layout_passes

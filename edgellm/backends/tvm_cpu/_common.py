@@ -11,9 +11,8 @@ import functools
 import os
 import operator
 
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.sym.pattern import detect_linear_equation
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
 
 from .target_info import num_vector_registers, vector_bits
@@ -45,11 +44,6 @@ def static_extent(sch, loop) -> int:
     if not isinstance(ext, int):
         raise NotApplicable("dynamic extent")
     return ext
-
-
-def lanes_for(target, dtype: str) -> int:
-    bits = tirx.DataType(dtype).bits if hasattr(tirx, "DataType") else int(dtype[-2:])
-    return max(vector_bits(target) // bits, 1)
 
 
 def dtype_bits(dtype) -> int:
@@ -107,6 +101,15 @@ def schedule_injective(sch, block, lanes: int, parallel_min: int = PARALLEL_MIN_
         return
     total = prod(exts)
     vec = None
+    if exts[-1] % lanes and exts[-1] < lanes and len(loops) >= 3 and not _is_elementwise(sch, block):
+        # small innermost dim of a transpose / gather (e.g. NCHW -> NHWC of a 3-channel
+        # image): vectorizing the fused nest turns every lane into index arithmetic + gather
+        # (15x slower); unroll the small dim, keep the next loop serial for LLVM, parallel rest
+        sch.unroll(loops[-1])
+        if total >= parallel_min:
+            outer = loops[:-2]
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        return
     if exts[-1] % lanes == 0:
         outer_last, vec = sch.split(loops[-1], factors=[None, lanes])
         outer = list(loops[:-1]) + [outer_last]
@@ -123,6 +126,19 @@ def schedule_injective(sch, block, lanes: int, parallel_min: int = PARALLEL_MIN_
     if total >= parallel_min:
         po = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(po)
+
+
+def _is_elementwise(sch, block) -> bool:
+    """Every read indexes its buffer exactly like the write (no transpose / broadcast)."""
+    stmt = sch.get(block)
+    if len(stmt.writes) != 1:
+        return False
+    w_idx = [r.min for r in stmt.writes[0].region]
+    for region in stmt.reads:
+        r_idx = [r.min for r in region.region]
+        if len(r_idx) != len(w_idx) or any(not a.same_as(b) for a, b in zip(r_idx, w_idx)):
+            return False
+    return True
 
 
 def is_spatial_block(sch, block) -> bool:
@@ -243,7 +259,10 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
     nregs = num_vector_registers(target)
     n = tile.vec.dom
     m = tile.row.dom if tile.row is not None else 1
-    vl, nv, mr = choose_tile(n, m, lanes, nregs, max_mr=max_mr, max_nv=max_nv)
+    # a single output row (GEMV-like, e.g. the classifier FC): more vectors per tile, so that
+    # enough independent accumulator chains hide the FMA latency
+    vl, nv, mr = choose_tile(n, m, lanes, nregs, max_mr=max_mr,
+                             max_nv=max(max_nv, 8) if m == 1 else max_nv)
 
     outputs = func_output_buffers(sch.mod["main"])
     blocks = root_blocks(sch)

@@ -12,7 +12,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ._common import (NotApplicable, TileInfo, _linear_coef, debug_exception,
-                      prod, schedule_tiled_reduction, uses_var)
+                      schedule_tiled_reduction, uses_var)
 from .matmul import _is_multiply_accumulate, find_single_reduction
 
 

@@ -39,8 +39,11 @@ class Pooling(CPUScheduleRule):
             tile = TileInfo(sch, main)
             if tile.vec_reads < 1:
                 return None
+            from .depthwise import _row_stride  # pylint: disable=import-outside-toplevel
+
             return schedule_tiled_reduction(sch, func, target, main, tile, max_nv=2,
-                                            weight_outer=False)
+                                            weight_outer=False,
+                                            producers_at_tile=_row_stride(tile) > 1)
         except NotApplicable:
             return None
         except Exception:  # pylint: disable=broad-except

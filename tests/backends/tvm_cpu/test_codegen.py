@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import AVX2, AVX512, NEON, compile_model, to_relax, tvm
+from tvm_cpu_helpers import AVX2, AVX512, NEON, compile_model, to_relax, tvm
 
 
 def _scheduled(model, x, target_dict):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import AVX2, AVX512, check_close, randomize_bn
+from tvm_cpu_helpers import AVX2, check_close, randomize_bn
 
 torch.manual_seed(0)
 
