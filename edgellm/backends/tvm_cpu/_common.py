@@ -11,9 +11,10 @@ import functools
 import os
 import operator
 
-from tvm import tirx
-from tvm.sym.pattern import detect_linear_equation
+from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import get_extent
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.sym.pattern import detect_linear_equation
 
 from .target_info import num_vector_registers, vector_bits
 
@@ -33,6 +34,29 @@ def debug_exception(rule: str, func) -> None:
 
 class NotApplicable(Exception):
     """Raised by a matcher when a rule does not apply."""
+
+
+class SafeRule(CPUScheduleRule):
+    """A CPU rule that can never break a build.
+
+    Subclasses implement ``schedule(sch, func, target) -> Schedule | None``; raising
+    NotApplicable, or failing in any other way, leaves the function untouched (the
+    failure is printed under EDGELLM_TVM_DEBUG) so the next rule gets its turn.
+    """
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            return self.schedule(s_tir.Schedule(func), func, target)
+        except NotApplicable:
+            return None
+        except Exception:  # pylint: disable=broad-except
+            debug_exception(type(self).__name__, func)
+            return None
+
+    def schedule(self, sch, func, target):
+        raise NotImplementedError
 
 
 def prod(xs):

@@ -10,33 +10,22 @@ BN/bias/ReLU/clip/residual epilogues inlined into the vectorized write-back.
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-from ._common import debug_exception, NotApplicable, TileInfo, schedule_tiled_reduction
+from ._common import SafeRule, TileInfo, schedule_tiled_reduction
 from .matmul import _is_multiply_accumulate, find_single_reduction
 
 
-class ConvNHWC(CPUScheduleRule):
+class ConvNHWC(SafeRule):
     """Dense (groups=1) NHWC convolution."""
 
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+    def schedule(self, sch, func, target):
+        _, main = find_single_reduction(sch)
+        if not _is_multiply_accumulate(sch.get(main.block_rv)):
             return None
-        try:
-            sch = s_tir.Schedule(func)
-            _, main = find_single_reduction(sch)
-            if not _is_multiply_accumulate(sch.get(main.block_rv)):
-                return None
-            tile = TileInfo(sch, main)
-            if len(tile.reduce) < 2 or tile.vec_reads != 1:
-                return None
-            return schedule_tiled_reduction(sch, func, target, main, tile,
-                                            # one output-channel tile: no reuse of a padded
-                                            # input across tiles -> pad per tile, in cache
-                                            producers_at_tile="single_vector_tile")
-        except NotApplicable:
+        tile = TileInfo(sch, main)
+        if len(tile.reduce) < 2 or tile.vec_reads != 1:
             return None
-        except Exception:  # pylint: disable=broad-except
-            debug_exception(type(self).__name__, func)
-            return None
+        return schedule_tiled_reduction(sch, func, target, main, tile,
+                                        # one output-channel tile: no reuse of a padded
+                                        # input across tiles -> pad per tile, in cache
+                                        producers_at_tile="single_vector_tile")

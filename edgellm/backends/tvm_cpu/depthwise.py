@@ -8,11 +8,8 @@ the dense conv: ``mr`` columns x ``nv*lanes`` channels, parallel over (h, tiles)
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-from ._common import (NotApplicable, TileInfo, _linear_coef, debug_exception,
-                      schedule_tiled_reduction, uses_var)
+from ._common import (SafeRule, TileInfo, _linear_coef, schedule_tiled_reduction, uses_var)
 from .matmul import _is_multiply_accumulate, find_single_reduction
 
 
@@ -30,27 +27,18 @@ def _row_stride(tile) -> int:
     return stride
 
 
-class DepthwiseNHWC(CPUScheduleRule):
+class DepthwiseNHWC(SafeRule):
     """Depthwise (groups == channels) NHWC convolution."""
 
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+    def schedule(self, sch, func, target):
+        _, main = find_single_reduction(sch)
+        if not _is_multiply_accumulate(sch.get(main.block_rv)):
             return None
-        try:
-            sch = s_tir.Schedule(func)
-            _, main = find_single_reduction(sch)
-            if not _is_multiply_accumulate(sch.get(main.block_rv)):
-                return None
-            tile = TileInfo(sch, main)
-            if len(tile.reduce) < 1 or tile.vec_reads != 2:
-                return None
-            # strided (downsampling) depthwise: pad per tile instead of a full padded copy of
-            # the (4x larger) input; stride 1: a separate vectorized pad pass is faster
-            return schedule_tiled_reduction(sch, func, target, main, tile, weight_outer=False,
-                                            producers_at_tile=_row_stride(tile) > 1,
-                                            unroll_reduction=False)
-        except NotApplicable:
+        tile = TileInfo(sch, main)
+        if len(tile.reduce) < 1 or tile.vec_reads != 2:
             return None
-        except Exception:  # pylint: disable=broad-except
-            debug_exception(type(self).__name__, func)
-            return None
+        # strided (downsampling) depthwise: pad per tile instead of a full padded copy of
+        # the (4x larger) input; stride 1: a separate vectorized pad pass is faster
+        return schedule_tiled_reduction(sch, func, target, main, tile, weight_outer=False,
+                                        producers_at_tile=_row_stride(tile) > 1,
+                                        unroll_reduction=False)

@@ -12,10 +12,9 @@
 from __future__ import annotations
 
 import tvm
-from tvm import s_tir, tirx
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm import tirx
 
-from ._common import (PARALLEL_MIN_ELEMS, debug_exception, dtype_bits, func_output_buffers, is_spatial_block, prod,
+from ._common import (SafeRule, PARALLEL_MIN_ELEMS, dtype_bits, func_output_buffers, is_spatial_block, prod,
                       root_blocks, schedule_injective, static_extent, uses_var)
 from .target_info import vector_bits
 
@@ -42,27 +41,20 @@ def inline_all(sch, func):
                 continue
 
 
-class Elementwise(CPUScheduleRule):
+class Elementwise(SafeRule):
     """All-spatial functions: inline, vectorize, parallelize."""
 
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+    def schedule(self, sch, func, target):
+        blocks = root_blocks(sch)
+        if not blocks or not all(is_spatial_block(sch, b) for b in blocks):
             return None
-        try:
-            sch = s_tir.Schedule(func)
-            blocks = root_blocks(sch)
-            if not blocks or not all(is_spatial_block(sch, b) for b in blocks):
+        for b in blocks:  # every block must be a plain loop nest
+            if len(sch.get_child_blocks(b)) != 0:
                 return None
-            for b in blocks:  # every block must be a plain loop nest
-                if len(sch.get_child_blocks(b)) != 0:
-                    return None
-            inline_all(sch, func)
-            for b in root_blocks(sch):
-                schedule_injective(sch, b, _block_lanes(sch, b, target))
-            return sch
-        except Exception:  # pylint: disable=broad-except
-            debug_exception(type(self).__name__, func)
-            return None
+        inline_all(sch, func)
+        for b in root_blocks(sch):
+            schedule_injective(sch, b, _block_lanes(sch, b, target))
+        return sch
 
 
 _get_realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
@@ -81,33 +73,26 @@ def _loop_is_spatial(sch, block, loop) -> bool:
     return used
 
 
-class ParallelFallback(CPUScheduleRule):
+class ParallelFallback(SafeRule):
     """Parallelize the outermost spatial loop of every root block (last resort)."""
 
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        try:
-            sch = s_tir.Schedule(func)
-            done = False
-            for b in root_blocks(sch):
-                loops = sch.get_loops(b)
-                if not loops:
-                    continue
-                if is_spatial_block(sch, b):
-                    try:
-                        schedule_injective(sch, b, _block_lanes(sch, b, target))
-                        done = True
-                        continue
-                    except Exception:  # pylint: disable=broad-except
-                        pass
-                if not _loop_is_spatial(sch, b, loops[0]):
-                    continue
-                total = prod(static_extent(sch, l) for l in loops)
-                if static_extent(sch, loops[0]) > 1 and total >= PARALLEL_MIN_ELEMS:
-                    sch.parallel(loops[0])
+    def schedule(self, sch, func, target):
+        done = False
+        for b in root_blocks(sch):
+            loops = sch.get_loops(b)
+            if not loops:
+                continue
+            if is_spatial_block(sch, b):
+                try:
+                    schedule_injective(sch, b, _block_lanes(sch, b, target))
                     done = True
-            return sch if done else None
-        except Exception:  # pylint: disable=broad-except
-            debug_exception(type(self).__name__, func)
-            return None
+                    continue
+                except Exception:  # pylint: disable=broad-except
+                    pass
+            if not _loop_is_spatial(sch, b, loops[0]):
+                continue
+            total = prod(static_extent(sch, l) for l in loops)
+            if static_extent(sch, loops[0]) > 1 and total >= PARALLEL_MIN_ELEMS:
+                sch.parallel(loops[0])
+                done = True
+        return sch if done else None

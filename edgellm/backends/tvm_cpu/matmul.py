@@ -10,11 +10,10 @@ epilogue in the vectorized write-back, parallel outer tiles).
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-from ._common import debug_exception, NotApplicable, TileInfo, schedule_tiled_reduction
+from ._common import SafeRule, NotApplicable, TileInfo, schedule_tiled_reduction
 
 
 def find_single_reduction(sch):
@@ -35,27 +34,18 @@ def _is_multiply_accumulate(stmt) -> bool:
     return isinstance(v, tirx.Add) and (isinstance(v.b, tirx.Mul) or isinstance(v.a, tirx.Mul))
 
 
-class Matmul(CPUScheduleRule):
+class Matmul(SafeRule):
     """Dense and batched matmul (spatial dims ``[..., M, N]``, one reduction ``K``)."""
 
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+    def schedule(self, sch, func, target):
+        _, main = find_single_reduction(sch)
+        stmt = sch.get(main.block_rv)
+        if not _is_multiply_accumulate(stmt):
             return None
-        try:
-            sch = s_tir.Schedule(func)
-            _, main = find_single_reduction(sch)
-            stmt = sch.get(main.block_rv)
-            if not _is_multiply_accumulate(stmt):
-                return None
-            tile = TileInfo(sch, main)
-            if len(tile.reduce) != 1:
-                return None
-            # exactly two operands; the left one must not carry the vector dim
-            if len(tile.reads) < 2:
-                return None
-            return schedule_tiled_reduction(sch, func, target, main, tile)
-        except NotApplicable:
+        tile = TileInfo(sch, main)
+        if len(tile.reduce) != 1:
             return None
-        except Exception:  # pylint: disable=broad-except
-            debug_exception(type(self).__name__, func)
+        # exactly two operands; the left one must not carry the vector dim
+        if len(tile.reads) < 2:
             return None
+        return schedule_tiled_reduction(sch, func, target, main, tile)

@@ -19,36 +19,27 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
 
-from ._common import (NotApplicable, TileInfo, _linear_coef, debug_exception, dtype_bits,
+from ._common import (SafeRule, TileInfo, _linear_coef, debug_exception, dtype_bits,
                       is_spatial_block, root_blocks, schedule_tiled_reduction, uses_var)
 from .target_info import vector_bits
 from .matmul import _is_multiply_accumulate, find_single_reduction
 
 
-class Pooling(CPUScheduleRule):
+class Pooling(SafeRule):
     """Reductions vectorizable over their innermost output dim (pooling, NHWC mean)."""
 
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+    def schedule(self, sch, func, target):
+        _, main = find_single_reduction(sch)
+        if _is_multiply_accumulate(sch.get(main.block_rv)):
             return None
-        try:
-            sch = s_tir.Schedule(func)
-            _, main = find_single_reduction(sch)
-            if _is_multiply_accumulate(sch.get(main.block_rv)):
-                return None
-            tile = TileInfo(sch, main)
-            if tile.vec_reads < 1:
-                return None
-            from .depthwise import _row_stride  # pylint: disable=import-outside-toplevel
+        tile = TileInfo(sch, main)
+        if tile.vec_reads < 1:
+            return None
+        from .depthwise import _row_stride  # pylint: disable=import-outside-toplevel
 
-            return schedule_tiled_reduction(sch, func, target, main, tile, max_nv=2,
-                                            weight_outer=False,
-                                            producers_at_tile=_row_stride(tile) > 1)
-        except NotApplicable:
-            return None
-        except Exception:  # pylint: disable=broad-except
-            debug_exception(type(self).__name__, func)
-            return None
+        return schedule_tiled_reduction(sch, func, target, main, tile, max_nv=2,
+                                        weight_outer=False,
+                                        producers_at_tile=_row_stride(tile) > 1)
 
 
 def _leading_s(kind: str) -> int:
