@@ -1,7 +1,8 @@
 """`edgellm bench`: edgellm's packages against the peers, side by side in one process.
 
-Peers: PyTorch eager, ONNX Runtime and plain OpenVINO (its defaults, which on a CPU with bf16
-means bf16 arithmetic; the accuracy column shows what that costs). edgellm: one package per
+Peers: PyTorch eager, ONNX Runtime and plain OpenVINO, both with its defaults (on a CPU with bf16
+that means bf16 arithmetic; the accuracy column shows what that costs) and with the f32 hint that
+edgellm's OpenVINO packages use to stay within the fp32 tolerance. edgellm: one package per
 backend the host target allows, and the one `--backend auto` would keep. Same inputs, same
 thread count, warm-up, runs in short blocks that take turns, so load drift hits every engine alike.
 """
@@ -21,7 +22,7 @@ from edgellm.runtime import device
 from edgellm.runtime.accuracy import compare
 
 SCHEMA = "edgellm.bench/1"
-PEERS = ("pytorch", "onnxruntime", "openvino")
+PEERS = ("pytorch", "onnxruntime", "openvino", "openvino-f32")
 
 
 def _peers(src, traced, threads: int, workdir: Path) -> dict:
@@ -57,8 +58,9 @@ def _peers(src, traced, threads: int, workdir: Path) -> dict:
     core = ov.Core()
     model = core.read_model(str(onnx_path))
     model.reshape({model.inputs[i]: list(s.shape) for i, s in enumerate(traced.inputs)})
-    request = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads}).create_infer_request()
-    runners["openvino"] = lambda feed: [np.array(v) for v in request.infer([feed[n] for n in feed_order]).values()]
+    for name, hints in (("openvino", {}), ("openvino-f32", {"INFERENCE_PRECISION_HINT": "f32"})):
+        request = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, **hints}).create_infer_request()
+        runners[name] = lambda feed, r=request: [np.array(v) for v in r.infer([feed[n] for n in feed_order]).values()]
     return runners
 
 
@@ -127,7 +129,7 @@ def bench(refs: list[str], threads: int = 2, runs: int = 50, warmup: int = 5, bu
 
 def format_table(report: dict) -> str:
     lines = [f"p50/p90 ms over {report['runs']} interleaved runs, {report['threads']} threads, {report['device']['cpu']}; "
-             "ratio = p50 / fastest peer's p50 (peers: PyTorch eager, ONNX Runtime, plain OpenVINO)",
+             "ratio = p50 / fastest peer's p50 (peers: PyTorch eager, ONNX Runtime, plain OpenVINO at its default and at f32 precision)",
              f"{'model':<14}{'engine':<18}{'p50':>9}{'p90':>9}{'ratio':>7}{'size MB':>9}{'max err':>10}{'cosine':>10}"]
     for m in report["models"]:
         for name, e in m["engines"].items():

@@ -44,8 +44,8 @@ def test_bench_reports_every_engine_with_accuracy(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     engines = report["models"][0]["engines"]
-    assert {"pytorch", "onnxruntime", "openvino", "edgellm-tvm", "edgellm-openvino"} <= set(engines)
-    assert min(e["ratio_to_best_peer"] for k, e in engines.items() if k in ("pytorch", "onnxruntime", "openvino")) == pytest.approx(1.0)
+    assert {"pytorch", "onnxruntime", "openvino", "openvino-f32", "edgellm-tvm", "edgellm-openvino"} <= set(engines)
+    assert min(e["ratio_to_best_peer"] for k, e in engines.items() if not k.startswith("edgellm")) == pytest.approx(1.0)
     for name in ("edgellm-tvm", "edgellm-openvino"):
         assert engines[name]["rel_max_abs"] <= 1e-4 and engines[name]["package_bytes"] > 0
     assert report["models"][0]["auto_choice"] in ("edgellm-tvm", "edgellm-openvino")
