@@ -145,10 +145,16 @@ def _choose(trials: list[dict], auto: bool) -> tuple[dict, dict | None]:
 
 def build(source: str, target: str | targets.Target = "host", output: str | Path | None = None, *, backend: str = "default",
           input_shapes: list[str] | dict | None = None, pipeline: str = "default", tolerance: float = 1e-4,
-          progress: Progress | None = None) -> BuildResult:
-    """source -> trace -> compile -> verify (-> measure, for backend="auto") -> package. Writes ``output`` atomically."""
+          progress: Progress | None = None, prune: float | None = None, prune_mode: str = "structured",
+          prune_importance: str = "l2", quantize: str | None = None, calib: str | None = None, eval: str | None = None,
+          max_drop: float | None = None) -> BuildResult:
+    """source (-> prune) -> trace (-> samples) -> compile -> verify (-> measure, for backend="auto") (-> evaluate)
+    -> package. Writes ``output`` atomically, and nothing when any stage fails."""
     from edgellm import source as sources
+    from edgellm.compress.plan import Plan
     from edgellm.trace import parse_shapes, trace
+
+    plan = Plan(prune, prune_mode, prune_importance, quantize, calib, eval, max_drop)
 
     tgt = targets.resolve(target)
     shapes = parse_shapes(input_shapes)
@@ -158,6 +164,7 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
     auto = recipe.backend == "auto"
     if not auto:
         backends.get(candidates[0]).check(tgt)
+        plan.check_backend(candidates[0])
     out = check_output(output or f"{Path(source.split(':')[-1] if source.startswith('zoo:') else source.split(':')[0]).stem}.edgepkg")
     seconds: dict[str, float] = {}
 
@@ -168,23 +175,38 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
     with stage("source", detail):
         src = sources.load(source)
         detail.append(f"{src.kind} {src.name}" + (f", weights: {src.weights}" if src.weights else ""))
+        plan.keep_reference(src)  # the original fp32 model: what compression is evaluated against
+    if plan.prune is not None:
+        detail = []
+        with stage("prune", detail):
+            detail.append(plan.prune_source(src))
     detail = []
     with stage("trace", detail):
         traced = trace(src, shapes)
         detail.append(", ".join(map(str, traced.inputs)) + " -> " + ", ".join(map(str, traced.outputs)))
+    if plan.active:
+        detail = []
+        with stage("samples", detail):
+            detail.append(plan.load_samples(traced))
     with tempfile.TemporaryDirectory(prefix="edgellm-build-") as tmp:
         trials = []
         for name in candidates:
             workdir = Path(tmp) / name
             workdir.mkdir()
             try:
-                trials.append(_try_backend(name, traced, tgt, {"pipeline": pipeline}, workdir, tolerance, auto, stage))
+                plan.check_backend(name)
+                trials.append(_try_backend(name, traced, tgt, {"pipeline": pipeline, **plan.options()}, workdir,
+                                           plan.tolerance(tolerance), auto, stage))
             except EdgeError as e:
                 if not auto:
                     raise
                 trials.append({"backend": name, "error": e.problem})
         chosen, comparison = _choose(trials, auto)
         compiled, verification = chosen["compiled"], chosen["verification"]
+        if plan.active:
+            detail = []
+            with stage("evaluate", detail):
+                detail.append(plan.evaluate(_local_engine(compiled, tgt)[0], traced))
         detail = []
         with stage("package", detail):
             members = {name: Path(p).read_bytes() for name, p in compiled.files.items()}
@@ -202,10 +224,10 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
                 "runtime_requires": compiled.runtime_requires,
                 "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in traced.inputs],
                 "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in traced.outputs],
-                "compression": {"prune": None, "quantize": None},
+                "compression": plan.manifest(compiled.info),
                 "verification": verification,
                 "build": {"host": platform.machine(), "seconds": {k: round(v, 3) for k, v in seconds.items()}},
-            }, members)
+            }, members, deflate=plan.deflate)
             detail.append(f"{out} ({out.stat().st_size / 1e6:.2f} MB)" + (f", backend {chosen['backend']}: {comparison['why']}" if auto else ""))
     return BuildResult(out, manifest, seconds)
 

@@ -103,20 +103,45 @@ def targets(as_json):
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224", help="override an input's shape")
 @click.option("--pipeline", default="default", show_default=True, help="TVM CPU pipeline: default, edgellm, stock")
 @click.option("--tolerance", default=1e-4, show_default=True, help="max error vs the fp32 reference, relative to output scale")
+@click.option("--prune", type=float, help="structured: remove this share of channels / FFN units / heads (0.3); unstructured: of weights")
+@click.option("--prune-mode", type=click.Choice(["structured", "unstructured"]), default="structured", show_default=True)
+@click.option("--prune-importance", type=click.Choice(["l1", "l2", "taylor"]), default="l2", show_default=True)
+@click.option("--quantize", type=click.Choice(["int8", "int8-weights"]), help="int8: static PTQ (calibrated); int8-weights: weight-only (OpenVINO)")
+@click.option("--calib", metavar="PATH|random", help="calibration samples: a folder of .npy/.npz, one .npz, or random")
+@click.option("--eval", "eval_set", metavar="PATH|random", help="evaluation samples [default: 20% held out of --calib]")
+@click.option("--max-drop", type=float, help="fail if accuracy vs fp32 drops more than this (percentage points)")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON when done")
 @friendly
-def build(source, target, output, backend, input_shapes, pipeline, tolerance, as_json):
+def build(source, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance, quantize,
+          calib, eval_set, max_drop, as_json):
     """Build SOURCE (model.onnx, program.pt2, file.py:fn or zoo:NAME) into an .edgepkg."""
     from edgellm import api
 
     progress = StageProgress(quiet=as_json)
     try:
         result = api.build(source, target, output, backend=backend, input_shapes=list(input_shapes),
-                           pipeline=pipeline, tolerance=tolerance, progress=progress)
+                           pipeline=pipeline, tolerance=tolerance, progress=progress, prune=prune, prune_mode=prune_mode,
+                           prune_importance=prune_importance, quantize=quantize, calib=calib, eval=eval_set, max_drop=max_drop)
     finally:
         progress.close()
     _emit(result.manifest, as_json, lambda m: _console().print(
         f"built {result.path} in {sum(result.seconds.values()):.1f} s: {m['model']['name']} for {m['target']['name']} ({m['backend']['name']})"))
+
+
+@main.command("prune")
+@click.argument("source")
+@click.option("--ratio", type=float, required=True, help="share of channels / FFN units / heads (structured) or weights to remove")
+@click.option("--mode", type=click.Choice(["structured", "unstructured"]), default="structured", show_default=True)
+@click.option("--importance", type=click.Choice(["l1", "l2", "taylor"]), default="l2", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the pruned model, a .pt2 (torch.export)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@friendly
+def prune_cmd(source, ratio, mode, importance, output, as_json):
+    """Prune SOURCE (zoo:NAME or file.py:fn) into a .pt2 program that `edgellm build` takes."""
+    from edgellm.compress.prune import prune_to_file
+
+    report = prune_to_file(source, ratio, mode, importance, output)
+    _emit(report, as_json, lambda r: _console().print(r["summary"]))
 
 
 @main.command()

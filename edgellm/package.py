@@ -40,8 +40,12 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def write_package(path: str | Path, manifest: dict, members: dict[str, bytes]) -> dict:
-    """Write members plus a manifest listing each one's size and sha256. Returns the manifest."""
+def write_package(path: str | Path, manifest: dict, members: dict[str, bytes], deflate: frozenset[str] | set[str] = frozenset()) -> dict:
+    """Write members plus a manifest listing each one's size and sha256. Returns the manifest.
+
+    Members are stored uncompressed (fastest to read) except those in ``deflate``: sparse
+    (unstructured-pruned) weights, whose zeros compress. Hashes are of the raw data either way.
+    """
     path = check_output(path)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
     manifest["files"] = {name: {"size": len(data), "sha256": sha256_bytes(data)} for name, data in members.items()}
@@ -50,7 +54,7 @@ def write_package(path: str | Path, manifest: dict, members: dict[str, bytes]) -
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
             archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=False))
             for name, data in members.items():
-                archive.writestr(name, data)
+                archive.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if name in deflate else zipfile.ZIP_STORED)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

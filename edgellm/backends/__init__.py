@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 
 from edgellm.errors import EdgeError
+
+# torch 2.13 warns from inside TVM's and OpenVINO's exported-program importers on every build; not the user's concern
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 KNOWN = ("tvm", "openvino")
 

@@ -1,5 +1,10 @@
 """OpenVINO backend: convert the traced graph to OpenVINO IR (model.xml + model.bin, fp32), static shapes.
 
+With ``options["quantize"]`` = "int8" (static, calibrated on ``options["calibration"]``, a list of feed
+dicts) or "int8-weights" (weight-only), NNCF quantizes the converted model before it is saved
+(edgellm/compress/quantize.py); the IR then carries int8 weights and, for static int8, FakeQuantize nodes
+that the CPU plugin turns into int8 kernels.
+
 The IR is compiled on the device by OpenVINO's CPU plugin at load time (edgellm/runtime/engines/openvino.py),
 with f32 inference precision: on CPUs with bf16 or AMX, OpenVINO would otherwise run in bf16.
 """
@@ -126,6 +131,11 @@ class Backend:
             raise EdgeError(f"the OpenVINO backend has no pipeline {options['pipeline']!r} (pipelines are TVM's)", "leave --pipeline out")
         ov = import_openvino()
         model = to_openvino(ov, traced, workdir)
+        quantized = None
+        if options.get("quantize"):
+            from edgellm.compress.quantize import quantize_openvino
+
+            model, quantized = quantize_openvino(model, options["quantize"], options.get("calibration"))
         xml = workdir / "model.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)
         return Compiled(
@@ -139,6 +149,7 @@ class Backend:
                 "weights": "model.bin",
                 "input_names": [s.name for s in traced.inputs],
                 "output_names": [s.name for s in traced.outputs],
+                **({"quantize": quantized} if quantized else {}),
             },
             runtime_requires=[f"openvino=={OPENVINO_VERSION}", "numpy"],
         )

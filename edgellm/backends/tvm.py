@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shutil
 import sys
-import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -18,8 +17,6 @@ from edgellm.trace import Traced
 TVM_VERSION = "0.27.0.post1"
 FFI_VERSION = "0.1.14.post1"  # 0.1.15 is ABI-incompatible with TVM 0.27 (MetaSchedule segfaults)
 CROSS_CXX = {"aarch64": "aarch64-linux-gnu-g++"}
-# torch 2.13 warns from inside TVM's exported-program importer on every build; not the user's concern
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 def import_compiler():

@@ -1,0 +1,151 @@
+"""What ``edgellm.api.build`` does for ``--prune / --quantize / --calib / --eval / --max-drop``, in a few calls.
+
+    plan = Plan(prune=0.3, quantize="int8", calib="calib/", max_drop=1.0)
+    plan.check_backend("openvino")          # before the long stages: TVM int8 is refused here
+    plan.keep_reference(src)                 # after source: the original fp32 model, for evaluation
+    plan.prune_source(src)                   # the model is pruned in place
+    plan.load_samples(traced)                # after trace: calibration + evaluation samples
+    options = {"pipeline": ..., **plan.options()}      # int8 + calibration for the backend
+    tolerance = plan.tolerance(tolerance)    # verification against the traced reference, int8-aware
+    plan.evaluate(engine, traced)            # after the backend is chosen: agreement with the ORIGINAL fp32
+                                             # model on held-out samples; EdgeError over --max-drop
+    manifest["compression"] = plan.manifest(compiled.info)
+
+Each step returns a one-line summary for the stage's progress line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgellm.errors import EdgeError
+
+# Verification tolerance for int8 builds (max error relative to the output scale, on the example input).
+# Measured: kws-cnn 4e-4, mobilenet-v2 2e-3, MiniLM ~3e-2; the real accuracy gate is --max-drop on the eval set.
+INT8_TOLERANCE = 0.1
+
+
+@dataclass
+class Plan:
+    prune: float | None = None
+    prune_mode: str = "structured"
+    prune_importance: str = "l2"
+    quantize: str | None = None
+    calib: str | None = None
+    eval: str | None = None
+    max_drop: float | None = None
+    prune_report: dict | None = None
+    quantize_info: dict | None = None
+    evaluation: dict | None = None
+    _reference: object = field(default=None, repr=False)
+    _calib: list | None = field(default=None, repr=False)
+    _eval: list | None = field(default=None, repr=False)
+    _note: str = ""
+
+    def __post_init__(self):
+        from edgellm.compress import prune as cprune
+        from edgellm.compress import quantize as cquant
+
+        if self.prune is not None:
+            if not 0.0 < float(self.prune) < 1.0:
+                raise EdgeError(f"--prune {self.prune} is not between 0 and 1", "e.g. --prune 0.3 removes 30% of channels")
+            if self.prune_mode not in cprune.MODES:
+                raise EdgeError(f"unknown --prune-mode {self.prune_mode!r}", f"use one of {', '.join(cprune.MODES)}")
+        if self.quantize is not None and self.quantize not in cquant.MODES:
+            raise EdgeError(f"unknown --quantize {self.quantize!r}", f"use one of {', '.join(cquant.MODES)}")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise EdgeError(f"--max-drop {self.max_drop} is negative", "give percentage points, e.g. --max-drop 1.0")
+        if not self.active and (self.calib or self.eval or self.max_drop is not None):
+            raise EdgeError("--calib, --eval and --max-drop go with --prune or --quantize")
+
+    @property
+    def active(self) -> bool:
+        return self.prune is not None or self.quantize is not None
+
+    def check_backend(self, backend: str) -> None:
+        from edgellm.compress.quantize import check
+
+        check(backend, self.quantize)
+
+    def keep_reference(self, src) -> None:
+        """Keep a runner of the original fp32 model (the evaluation reference) before anything changes it."""
+        from edgellm.compress.evaluate import reference_runner
+
+        if self.active and self._reference is None and src.inputs:
+            self._reference = reference_runner(src, list(src.inputs))
+
+    def prune_source(self, src) -> str:
+        """Prune ``src`` in place (its reference kept first); a one-line summary."""
+        from edgellm.compress.prune import prune_source, summary
+
+        if self.prune is None:
+            return ""
+        self.keep_reference(src)
+        report = prune_source(src, float(self.prune), self.prune_mode, self.prune_importance)
+        self.prune_report = {k: v for k, v in report.items() if k not in ("tensors", "layers")}
+        if report["mode"] == "unstructured":
+            self.prune_report["layer_sparsity"] = {k: round(v["sparsity"], 4) for k, v in report["layers"].items()}
+        return summary(report)
+
+    def load_samples(self, traced) -> str:
+        from edgellm.compress.calibration import prepare
+
+        if not self.active:
+            return ""
+        if self._reference is None:  # ONNX / pt2 without example inputs: the traced model is the original
+            from edgellm.compress.evaluate import reference_runner
+            from edgellm.source import Source
+
+            self._reference = _traced_runner(traced) if traced.kind == "torch" else reference_runner(
+                Source("", "onnx", "", traced.graph, {}), [s.name for s in traced.inputs])
+        self._calib, self._eval, self._note = prepare(self.calib, self.eval, traced.inputs)
+        return self._note
+
+    @property
+    def deflate(self) -> frozenset[str]:
+        """Package members to store compressed: the weights of an unstructured-sparse model (their zeros deflate)."""
+        return frozenset({"model.bin", "model.so", "params.bin"}) if self.prune is not None and self.prune_mode == "unstructured" else frozenset()
+
+    def options(self) -> dict:
+        return {"quantize": self.quantize, "calibration": self._calib} if self.quantize else {}
+
+    def tolerance(self, tolerance: float) -> float:
+        return max(tolerance, INT8_TOLERANCE) if self.quantize else tolerance
+
+    def evaluate(self, engine, traced) -> str:
+        """Agreement of the built model (``engine``) with the original fp32 model on the evaluation samples;
+        EdgeError over --max-drop. ``engine`` None: this machine cannot run the target's code."""
+        from edgellm.compress.evaluate import check_drop, engine_runner, evaluate
+
+        if not self.active:
+            return ""
+        if engine is None:
+            if self.max_drop is not None:
+                raise EdgeError("cannot check --max-drop: this machine cannot run the package built for the target",
+                                "build for host, or leave --max-drop out and check accuracy on the device")
+            self.evaluation = {"status": "skipped", "reason": "this machine cannot run the target's code", "note": self._note}
+            return "skipped: not the device"
+        names = [s.name for s in traced.inputs]
+        report = evaluate(engine_runner(engine, names), self._reference, self._eval, [s.name for s in traced.outputs])
+        what = " + ".join(filter(None, [f"pruned {self.prune:g}" if self.prune else "", self.quantize or ""]))
+        self.evaluation = {"status": "measured", "against": "the original fp32 model", "note": self._note, **report}
+        verdict = check_drop(report, self.max_drop, what)  # raises over the limit
+        self.evaluation["max_drop"] = self.max_drop
+        self.evaluation["drop_pp"] = verdict["drop_pp"]
+        stats = report["outputs"][verdict["output"]]
+        shown = f"top-1 agreement {stats['top1']:.1%}" if verdict["measure"] == "top-1 agreement" else f"mean cosine {stats['cosine_mean']:.4f}"
+        limit = f" (limit {self.max_drop:g} pp)" if self.max_drop is not None else ""
+        return f"{shown} vs fp32 on {report['samples']} eval samples: drop {verdict['drop_pp']:.2f} pp{limit}"
+
+    def manifest(self, backend_info: dict) -> dict:
+        """The manifest's "compression": prune report, what the chosen backend quantized, the evaluation."""
+        self.quantize_info = backend_info.get("quantize")
+        return {"prune": self.prune_report, "quantize": self.quantize_info,
+                **({"evaluation": self.evaluation} if self.evaluation else {})}
+
+
+def _traced_runner(traced):
+    """fp32 reference of a torch.export program (pt2 sources without example inputs at prune time)."""
+    from edgellm.compress.evaluate import torch_runner
+
+    return torch_runner(traced.graph.module(), [s.name for s in traced.inputs])
