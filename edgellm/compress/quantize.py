@@ -19,7 +19,9 @@ TVM: int8 is not implemented in this edgellm yet; asking for it is an EdgeError.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 from importlib import metadata
 
 import numpy as np
@@ -85,7 +87,8 @@ def quantize_openvino(ov_model, mode: str, calibration: list[dict] | None = None
     if mode == "int8-weights":
         mode_enum = nncf.CompressWeightsMode.INT8_ASYM
         try:
-            model = nncf.compress_weights(ov_model, mode=mode_enum)
+            with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: not on stdout, where --json goes
+                model = nncf.compress_weights(ov_model, mode=mode_enum)
         except Exception as e:
             raise EdgeError(f"NNCF could not compress the weights ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
         return model, {"mode": mode, "method": "nncf.compress_weights (weight-only)", "nncf": version,
@@ -101,7 +104,8 @@ def quantize_openvino(ov_model, mode: str, calibration: list[dict] | None = None
         kwargs["advanced_parameters"] = AdvancedQuantizationParameters(
             smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=TRANSFORMER_SMOOTH_QUANT_ALPHA))
     try:
-        model = nncf.quantize(ov_model, nncf.Dataset(_feeds(ov_model, calibration)), **kwargs)
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: not on stdout, where --json goes
+            model = nncf.quantize(ov_model, nncf.Dataset(_feeds(ov_model, calibration)), **kwargs)
     except EdgeError:
         raise
     except Exception as e:
