@@ -89,15 +89,10 @@ def _check(engine, traced, tolerance: float) -> dict:
 
 
 def _p50_ms(engine, traced, runs: int = 20, warmup: int = 3) -> float:
+    from edgellm.runtime.profile import time_runs
+
     arrays = [traced.example_inputs[s.name] for s in traced.inputs]
-    for _ in range(warmup):
-        engine.run(arrays)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        engine.run(arrays)
-        times.append(time.perf_counter() - t0)
-    return float(sorted(times)[len(times) // 2] * 1e3)
+    return float(sorted(time_runs(lambda: engine.run(arrays), runs, warmup))[runs // 2] * 1e3)
 
 
 def _try_backend(name, traced, tgt, options, workdir, tolerance, measure, stage) -> dict:

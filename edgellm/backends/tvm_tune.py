@@ -377,8 +377,6 @@ def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = 
     Returns {"tasks", "tuned", "reused", "skipped", "trials", "seconds", "db_dir", "functions": [...]}
     where each function has name, rule_ms, best_ms, trials, status (reused / tuned / budget / ...).
     """
-    import logging
-
     from tvm.s_tir import meta_schedule as ms
 
     start = time.monotonic()
@@ -419,7 +417,6 @@ def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = 
         cost_model = "random"
     builder, runner = (make_builder(), make_runner()) if todo and trials > 0 else (None, None)
     shares = split_trials([_flops(t.dispatched[0]) for t, _k, _e in todo], trials) if todo else []
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     new_entries = {}
     for n, ((task, key, entry), share) in enumerate(zip(todo, shares), 1):
         task_mod = task.dispatched[0]
@@ -427,11 +424,11 @@ def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = 
         report["functions"].append(fn)
         if budget_s is not None and time.monotonic() - start >= budget_s:
             fn["status"] = "budget"
-            report["skipped"] += 1
-            continue
-        if share <= 0:
+        elif share <= 0:
             fn["status"] = "no trials left"
+        if "status" in fn:
             report["skipped"] += 1
+            say(f"task {n}/{len(todo)} {task.task_name}: skipped ({fn['status']}), left to the rules")
             continue
         # 1. the hand-written rules' schedule, measured like a trial and stored as a seed record
         rule_s = entry.get("rule_s")
@@ -446,7 +443,7 @@ def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = 
         with _cpu_intrinsics():
             ctx = ms.TuneContext(mod=task_mod, target=tune_target, space_generator="post-order-apply",
                                  search_strategy="evolutionary", task_name=task.task_name,
-                                 logger=ms.logging.get_loggers_from_work_dir(str(workdir), [task.task_name])[0],
+                                 logger=_task_logger(workdir, task.task_name),
                                  rand_state=ms.utils.fork_seed(seed, n=1)[0], num_threads="physical").clone()
         error = None
         try:
@@ -469,6 +466,25 @@ def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = 
             f" (rules {_fmt(rule_s)}, using {fn['uses']})" + (f" [{error}]" if error else ""))
     report["seconds"] = round(time.monotonic() - start, 1)
     return report
+
+
+def _task_logger(workdir: Path, name: str):
+    """A file-only logger for one task (MetaSchedule's own setup also logs to stdout)."""
+    import logging
+
+    logger = logging.getLogger(f"edgellm.tvm_tune.{name}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    path = str(workdir / f"{name[:100]}.log")
+    if not any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in logger.handlers):
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+            h.close()
+        workdir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, mode="a")
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+        logger.addHandler(handler)
+    return logger
 
 
 def _ms(seconds):

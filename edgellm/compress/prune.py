@@ -376,9 +376,9 @@ def prune_source(src, ratio: float, mode: str = "structured", importance: str = 
 
 def sparse_weights_speedup(compiled_ir_xml: str, weights: bytes, feeds: dict, threads: int = 2, runs: int = 50) -> dict:
     """p50 ms of an (int8) OpenVINO IR with and without CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE=0.5, same process."""
-    import time
-
     import openvino as ov
+
+    from edgellm.runtime.profile import time_runs
 
     core = ov.Core()
     out = {}
@@ -390,14 +390,7 @@ def sparse_weights_speedup(compiled_ir_xml: str, weights: bytes, feeds: dict, th
             out[tag] = f"not supported: {str(e).strip().splitlines()[-1][:200]}"
             continue
         request = compiled.create_infer_request()
-        for _ in range(5):
-            request.infer(feeds)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            request.infer(feeds)
-            times.append(time.perf_counter() - t0)
-        out[tag] = float(sorted(times)[len(times) // 2] * 1e3)
+        out[tag] = float(sorted(time_runs(lambda: request.infer(feeds), runs, warmup=5))[runs // 2] * 1e3)
     return out
 
 

@@ -23,6 +23,18 @@ def _peak_rss_mb() -> float:
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere
 
 
+def time_runs(run, runs: int, warmup: int = 0) -> list[float]:
+    """Seconds each of ``runs`` calls of ``run()`` took, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run()
+    seconds = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
 def latency_stats(seconds: list[float]) -> dict:
     ms = np.asarray(seconds) * 1e3
     return {
@@ -63,12 +75,8 @@ def profile(model, runs: int = 100, warmup: int = 10, per_op: bool = False, inpu
     model.run(*arrays)  # the first inference, timed by the model itself
     for _ in range(warmup):
         model._engine.run(arrays)
-    seconds = []
     t_all = time.perf_counter()
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model._engine.run(arrays)
-        seconds.append(time.perf_counter() - t0)
+    seconds = time_runs(lambda: model._engine.run(arrays), runs)
     wall = time.perf_counter() - t_all
     manifest = model.manifest
     report = {
