@@ -22,10 +22,27 @@ from edgellm.runtime import device
 from edgellm.runtime.accuracy import compare
 
 SCHEMA = "edgellm.bench/1"
-PEERS = ("pytorch", "onnxruntime", "openvino", "openvino-f32")
+PEERS = ("pytorch", "onnxruntime", "openvino", "openvino-f32", "onnxruntime-int8")
 
 
-def _peers(src, traced, threads: int, workdir: Path) -> dict:
+def _ort_int8(onnx_path: Path, samples: list[dict], workdir: Path) -> Path:
+    """ONNX Runtime's own static int8 (QDQ, per-channel weights), calibrated on the same samples as edgellm."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(samples)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = workdir / "model-int8.onnx"
+    quantize_static(str(onnx_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def _peers(src, traced, threads: int, workdir: Path, int8_samples: list[dict] | None = None) -> dict:
     """{peer: run(feed) -> list of arrays} for the peers this source can feed."""
     import onnxruntime as ort
     import openvino as ov
@@ -53,8 +70,9 @@ def _peers(src, traced, threads: int, workdir: Path) -> dict:
         return runners
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    runners["onnxruntime"] = lambda feed: session.run(None, feed)
+    for name, path in [("onnxruntime", onnx_path)] + ([("onnxruntime-int8", _ort_int8(onnx_path, int8_samples, workdir))] if int8_samples else []):
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        runners[name] = lambda feed, s=session: s.run(None, feed)
     core = ov.Core()
     model = core.read_model(str(onnx_path))
     model.reshape({model.inputs[i]: list(s.shape) for i, s in enumerate(traced.inputs)})
@@ -83,25 +101,40 @@ def _interleaved(runners: dict, feed: dict, runs: int, warmup: int, rounds: int 
     return times
 
 
-def bench_one(ref: str, threads: int, runs: int, warmup: int, build_dir: Path, progress=None) -> dict:
+def bench_one(ref: str, threads: int, runs: int, warmup: int, build_dir: Path, progress=None,
+              quantize: str | None = None, calib: str = "random") -> dict:
     from edgellm import runtime
     from edgellm import source as sources
+    from edgellm.errors import EdgeError
     from edgellm.trace import trace
 
     say = progress or (lambda message: None)
     src = sources.load(ref)
     traced = trace(src)
     host = targets.host()
+    int8_samples = None
+    if quantize:
+        from edgellm.compress.calibration import load_samples, split
+
+        int8_samples = split(load_samples(calib, traced.inputs), None)[0]  # what edgellm calibrates on, too
+    variants = [(b, None) for b in host.backends] + ([(b, quantize) for b in host.backends] if quantize else [])
+    skipped = {}
     with tempfile.TemporaryDirectory(prefix="edgellm-bench-") as tmp:
         say(f"{src.name}: setting up the peers")
-        runners = _peers(src, traced, threads, Path(tmp))
+        runners = _peers(src, traced, threads, Path(tmp), int8_samples)
         sizes = {}
-        for backend in host.backends:
-            say(f"{src.name}: building the edgellm {backend} package")
-            pkg = api.build(ref, host, build_dir / f"{src.name}-{backend}.edgepkg", backend=backend).path
+        for backend, q in variants:
+            name = f"edgellm-{backend}" + (f"-{q}" if q else "")
+            say(f"{src.name}: building {name}")
+            try:
+                pkg = api.build(ref, host, build_dir / f"{src.name}-{name}.edgepkg", backend=backend,
+                                **({"quantize": q, "calib": calib} if q else {})).path
+            except EdgeError as e:
+                skipped[name] = str(e)
+                continue
             engine = runtime.load(pkg, threads=threads)._engine
-            runners[f"edgellm-{backend}"] = lambda feed, e=engine: e.run([feed[s.name] for s in traced.inputs])
-            sizes[f"edgellm-{backend}"] = pkg.stat().st_size
+            runners[name] = lambda feed, e=engine: e.run([feed[s.name] for s in traced.inputs])
+            sizes[name] = pkg.stat().st_size
         feed = traced.example_inputs
         accuracy = {}
         for name, run in runners.items():
@@ -116,27 +149,32 @@ def bench_one(ref: str, threads: int, runs: int, warmup: int, build_dir: Path, p
                    "package_bytes": sizes.get(k), **accuracy[k]} for k in runners}
     correct = [k for k in sizes if engines[k]["rel_max_abs"] <= 1e-4]
     auto = min(correct, key=lambda k: p50[k]) if correct else None
-    return {"model": src.name, "source": ref, "engines": engines, "best_peer_p50_ms": best_peer,
+    return {"model": src.name, "source": ref, "engines": engines, "best_peer_p50_ms": best_peer, "skipped": skipped,
             "auto_choice": auto, "auto_ratio_to_best_peer": engines[auto]["ratio_to_best_peer"] if auto else None}
 
 
-def bench(refs: list[str], threads: int = 2, runs: int = 50, warmup: int = 5, build_dir: str | Path | None = None, progress=None) -> dict:
+def bench(refs: list[str], threads: int = 2, runs: int = 50, warmup: int = 5, build_dir: str | Path | None = None, progress=None,
+          quantize: str | None = None, calib: str = "random") -> dict:
+    """With ``quantize``, also ONNX Runtime's static int8 as a peer and edgellm's int8 packages, calibrated alike."""
     build_dir = Path(build_dir or tempfile.mkdtemp(prefix="edgellm-bench-pkgs-"))
     build_dir.mkdir(parents=True, exist_ok=True)
-    results = [bench_one(ref, threads, runs, warmup, build_dir, progress) for ref in refs]
-    return {"schema": SCHEMA, "threads": threads, "runs": runs, "warmup": warmup, "device": device.describe(), "models": results}
+    results = [bench_one(ref, threads, runs, warmup, build_dir, progress, quantize, calib) for ref in refs]
+    return {"schema": SCHEMA, "threads": threads, "runs": runs, "warmup": warmup, "quantize": quantize, "calib": calib,
+            "device": device.describe(), "models": results}
 
 
 def format_table(report: dict) -> str:
     lines = [f"p50/p90 ms over {report['runs']} interleaved runs, {report['threads']} threads, {report['device']['cpu']}; "
-             "ratio = p50 / fastest peer's p50 (peers: PyTorch eager, ONNX Runtime, plain OpenVINO at its default and at f32 precision)",
-             f"{'model':<14}{'engine':<18}{'p50':>9}{'p90':>9}{'ratio':>7}{'size MB':>9}{'max err':>10}{'cosine':>10}"]
+             "ratio = p50 / fastest peer's p50 (peers: PyTorch eager, ONNX Runtime (+ its static int8 with --quantize), "
+             "plain OpenVINO at its default and at f32 precision)",
+             f"{'model':<14}{'engine':<24}{'p50':>9}{'p90':>9}{'ratio':>7}{'size MB':>9}{'max err':>10}{'cosine':>10}"]
     for m in report["models"]:
         for name, e in m["engines"].items():
             size = f"{e['package_bytes'] / 1e6:.2f}" if e["package_bytes"] else "-"
             mark = "  <- auto" if name == m["auto_choice"] else ""
-            lines.append(f"{m['model']:<14}{name:<18}{e['p50_ms']:>9.3f}{e['p90_ms']:>9.3f}{e['ratio_to_best_peer']:>7.2f}"
+            lines.append(f"{m['model']:<14}{name:<24}{e['p50_ms']:>9.3f}{e['p90_ms']:>9.3f}{e['ratio_to_best_peer']:>7.2f}"
                          f"{size:>9}{e['rel_max_abs']:>10.1e}{e['cosine']:>10.6f}{mark}")
+        lines += [f"{m['model']:<14}{name:<24}  skipped: {why}" for name, why in m.get("skipped", {}).items()]
     return "\n".join(lines)
 
 

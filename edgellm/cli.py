@@ -269,13 +269,16 @@ def bundle_runtime(target, output, python_version, as_json):
 @click.option("--threads", default=2, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (schema edgellm.bench/1)")
 @click.option("--html", type=click.Path(dir_okay=False), help="also write a page with a bar chart")
+@click.option("--quantize", type=click.Choice(["int8", "int8-weights"]), help="also int8: edgellm's int8 packages and ONNX Runtime int8")
+@click.option("--calib", default="random", show_default=True, metavar="PATH|random", help="calibration samples for --quantize")
 @friendly
-def bench(sources, runs, warmup, threads, as_json, html):
+def bench(sources, runs, warmup, threads, as_json, html, quantize, calib):
     """Time SOURCES (zoo:NAME, file.py:fn, model.onnx) with edgellm against PyTorch, ONNX Runtime and OpenVINO."""
     from edgellm.bench import bench as run_bench, format_table, write_html
 
     console = _console()
-    report = run_bench(list(sources), threads, runs, warmup, Path("build") / "bench", progress=None if as_json else lambda m: console.print(f"  {m}"))
+    report = run_bench(list(sources), threads, runs, warmup, Path("build") / "bench", progress=None if as_json else lambda m: console.print(f"  {m}"),
+                       quantize=quantize, calib=calib)
     _emit(report, as_json, lambda r: click.echo(format_table(r)))
     if html:
         write_html(report, html)

@@ -50,3 +50,14 @@ def test_bench_reports_every_engine_with_accuracy(tmp_path):
         assert engines[name]["rel_max_abs"] <= 1e-4 and engines[name]["package_bytes"] > 0
     assert report["models"][0]["auto_choice"] in ("edgellm-tvm", "edgellm-openvino")
     assert "data:image/png;base64," in (tmp_path / "b.html").read_text()
+
+
+def test_bench_int8_adds_onnxruntime_int8_and_edgellm_int8(tmp_path):
+    from edgellm.bench import bench
+
+    report = bench(["zoo:kws-cnn"], threads=1, runs=3, warmup=1, build_dir=tmp_path, quantize="int8", calib="random")
+    model = report["models"][0]
+    assert {"onnxruntime-int8", "edgellm-openvino-int8"} <= set(model["engines"])
+    assert model["engines"]["edgellm-openvino-int8"]["cosine"] > 0.99
+    assert model["engines"]["edgellm-openvino-int8"]["package_bytes"] < model["engines"]["edgellm-openvino"]["package_bytes"]
+    assert "not implemented" in model["skipped"]["edgellm-tvm-int8"]
