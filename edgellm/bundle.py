@@ -50,7 +50,11 @@ def bundle_runtime(arch: str, output: Path, python_version: str = "3.11", progre
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise EdgeError(f"{output} exists and is not empty", "give a new folder")
-    wheels = emulate.runtime_wheels(python_version, arch) + (CUDA_WHEELS if cuda else [])
+    try:
+        wheels = emulate.runtime_wheels(python_version, arch)
+    except ValueError as e:
+        raise EdgeError(f"cannot bundle the runtime: {e}", "pass --python 3.11 (or 3.12 .. 3.14)") from None
+    wheels += CUDA_WHEELS if cuda else []
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -54,14 +54,14 @@ def verify(path: str | Path, tolerance: float = 1e-4, qemu_cpu: str | None = Non
             from edgellm import emulate
 
             try:
-                emulate.ensure_host_tools()
+                emulate.ensure_host_tools()  # EmulationError is an EdgeError: one line with the apt fix
                 say("preparing the emulated arm64 userland (cached after the first time)")
                 rootfs = emulate.prepare_rootfs(progress=say)
                 say(f"running the reference sample under qemu-user as {cpu or 'max'}")
                 t0 = time.perf_counter()
                 proc = emulate.run_python(rootfs, work, "check.py", args, qemu_cpu=cpu, env={"PYTHONPATH": "rt"})
-            except emulate.EmulationError as e:
-                raise EdgeError(str(e)) from None
+            except subprocess.TimeoutExpired:
+                raise EdgeError(f"the emulated run did not finish in time ({cpu})", "a big model under qemu is slow; try again or check the package on the device") from None
             illegal = emulate.illegal_instruction(proc)
         else:
             say("running the reference sample with this machine's Python")
