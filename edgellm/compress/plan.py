@@ -66,6 +66,9 @@ class Plan:
         from edgellm.compress.quantize import check
 
         check(backend, self.quantize)
+        if self.quantize == "int8" and self.calib is None:  # after the backend check: that is the first thing to fix
+            raise EdgeError("static int8 needs calibration data",
+                            "give --calib a folder or .npz of real inputs (or --calib random, and accuracy figures mean nothing)")
 
     def keep_reference(self, src) -> None:
         """Keep a runner of the original fp32 model (the evaluation reference) before anything changes it."""

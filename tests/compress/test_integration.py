@@ -45,6 +45,9 @@ def test_cli_errors(tmp_path):
     r = run_cli("build", "zoo:kws-cnn", "--backend", "tvm", "--quantize", "int8", "-o", str(tmp_path / "t.edgepkg"))
     assert r.returncode == 2
     assert r.stderr.strip().endswith("error: int8 with the TVM backend is not implemented yet (use --backend openvino for int8 on x86_64)")
+    r = run_cli("build", "zoo:kws-cnn", "--backend", "openvino", "--quantize", "int8", "-o", str(tmp_path / "t.edgepkg"))
+    assert r.returncode == 2 and "error: static int8 needs calibration data (give --calib" in r.stderr
+    assert not (tmp_path / "t.edgepkg").exists()
     r = run_cli("build", "zoo:kws-cnn", "--backend", "openvino", "--prune", "0.9", "--eval", "random", "--max-drop", "0",
                 "-o", str(tmp_path / "p.edgepkg"))
     assert r.returncode == 2 and "percentage points of top-1 agreement" in r.stderr and "--max-drop 0" in r.stderr
