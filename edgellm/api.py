@@ -142,7 +142,8 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
           input_shapes: list[str] | dict | None = None, pipeline: str = "default", tolerance: float = 1e-4,
           progress: Progress | None = None, prune: float | None = None, prune_mode: str = "structured",
           prune_importance: str = "l2", quantize: str | None = None, calib: str | None = None, eval: str | None = None,
-          max_drop: float | None = None) -> BuildResult:
+          max_drop: float | None = None, tune: int | None = None, tuning_db: str | Path | None = None,
+          tune_budget: float | None = None) -> BuildResult:
     """source (-> prune) -> trace (-> samples) -> compile -> verify (-> measure, for backend="auto") (-> evaluate)
     -> package. Writes ``output`` atomically, and nothing when any stage fails."""
     from edgellm import source as sources
@@ -157,6 +158,8 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
                          backend=backend, input_shapes={k: list(v) for k, v in shapes.items()}, pipeline=pipeline, tolerance=tolerance)
     candidates = _candidates(recipe, tgt)
     auto = recipe.backend == "auto"
+    if (tune or tuning_db) and "tvm" not in candidates:
+        raise EdgeError("--tune / --tuning-db apply to the TVM backend", "use --backend tvm")
     if not auto:
         backends.get(candidates[0]).check(tgt)
         plan.check_backend(candidates[0])
@@ -190,7 +193,8 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
             workdir.mkdir()
             try:
                 plan.check_backend(name)
-                trials.append(_try_backend(name, traced, tgt, {"pipeline": pipeline, **plan.options()}, workdir,
+                trials.append(_try_backend(name, traced, tgt, {"pipeline": pipeline, "tune": tune, "tuning_db": tuning_db, "tune_budget": tune_budget,
+                                                          "tune_progress": getattr(progress, "note", None), **plan.options()}, workdir,
                                            plan.tolerance(tolerance), auto, stage))
             except EdgeError as e:
                 if not auto:

@@ -60,6 +60,11 @@ class StageProgress:
         self.status.stop()
         self.console.print(f"[green]✓[/green] {stage:<8} {seconds:6.1f} s  {detail}")
 
+    def note(self, line: str) -> None:
+        """A line of progress inside the running stage (e.g. one per tuning task)."""
+        if not self.quiet:
+            self.console.print(f"           {line}")
+
     def close(self) -> None:
         if self.status is not None:
             self.status.stop()
@@ -110,10 +115,13 @@ def targets(as_json):
 @click.option("--calib", metavar="PATH|random", help="calibration samples: a folder of .npy/.npz, one .npz, or random")
 @click.option("--eval", "eval_set", metavar="PATH|random", help="evaluation samples [default: 20% held out of --calib]")
 @click.option("--max-drop", type=float, help="fail if accuracy vs fp32 drops more than this (percentage points)")
+@click.option("--tune", type=click.IntRange(min=1), metavar="N", help="TVM: auto-tune with MetaSchedule for N trials in all (kept only where faster than edgellm's schedules)")
+@click.option("--tuning-db", type=click.Path(file_okay=False), metavar="DIR", help="TVM: tuning database, shared across builds and models [default with --tune: ~/.cache/edgellm/tuning/<target>/]; given alone, applies it without tuning")
+@click.option("--tune-budget", type=float, metavar="SECONDS", help="TVM: start no new tuning task after this long")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON when done")
 @friendly
 def build(source, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance, quantize,
-          calib, eval_set, max_drop, as_json):
+          calib, eval_set, max_drop, tune, tuning_db, tune_budget, as_json):
     """Build SOURCE (model.onnx, program.pt2, file.py:fn or zoo:NAME) into an .edgepkg."""
     from edgellm import api
 
@@ -121,7 +129,8 @@ def build(source, target, output, backend, input_shapes, pipeline, tolerance, pr
     try:
         result = api.build(source, target, output, backend=backend, input_shapes=list(input_shapes),
                            pipeline=pipeline, tolerance=tolerance, progress=progress, prune=prune, prune_mode=prune_mode,
-                           prune_importance=prune_importance, quantize=quantize, calib=calib, eval=eval_set, max_drop=max_drop)
+                           prune_importance=prune_importance, quantize=quantize, calib=calib, eval=eval_set, max_drop=max_drop,
+                           tune=tune, tuning_db=tuning_db, tune_budget=tune_budget)
     finally:
         progress.close()
     _emit(result.manifest, as_json, lambda m: _console().print(

@@ -104,7 +104,19 @@ class Backend:
         mod = to_relax(traced)
         tvm_target = tvm.target.Target(target.tvm)
         pipeline_name = options.get("pipeline") or "default"
-        pipeline = tvm_pipelines.get(pipeline_name, tvm_target)
+        tuning, db_dir = None, None
+        if options.get("tune") or options.get("tuning_db"):
+            from edgellm.backends import tvm_tune
+
+            if (pipeline_name if pipeline_name != "default" else tvm_pipelines.default_name()) != "edgellm":
+                raise EdgeError("tuning needs the edgellm pipeline", "drop --pipeline, or use --pipeline edgellm")
+            db_dir = Path(options.get("tuning_db") or tvm_tune.default_db_dir(tvm_target)).expanduser()
+            if options.get("tune"):
+                tuning = tvm_tune.tune(mod, tvm_target, int(options["tune"]), db_dir, budget_s=options.get("tune_budget"),
+                                       progress=options.get("tune_progress"))
+            pipeline = tvm_tune.pipeline(tvm_target, db_dir)
+        else:
+            pipeline = tvm_pipelines.get(pipeline_name, tvm_target)
         executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline)
         path = workdir / "model.so"
         cxx = cross_compiler(target, platform.machine())
@@ -118,6 +130,9 @@ class Backend:
                 "tvm_ffi": FFI_VERSION,
                 "pipeline": tvm_pipelines.default_name() if pipeline_name == "default" else pipeline_name,
                 "tvm_target": str(tvm_target),
+                **({"tuning_db": str(db_dir)} if db_dir else {}),
+                **({"tuning": {k: tuning[k] for k in ("tasks", "tuned", "reused", "skipped", "trials", "seconds")}}
+                   if tuning else {}),
             },
             runtime_requires=[f"apache-tvm=={TVM_VERSION}", f"apache-tvm-ffi=={FFI_VERSION}", "numpy"],
         )

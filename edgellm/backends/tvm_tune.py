@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -37,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 RULES_FILE = "edgellm_rules.json"
+MIN_FLOP_SHARE = 0.01  # functions below this share of the model's FLOPs get no trials
 
 
 def default_db_dir(target) -> Path:
@@ -49,20 +52,11 @@ def default_db_dir(target) -> Path:
 # the pipeline pieces
 
 
-def pre_schedule_passes(target) -> list:
-    """edgellm's CPU pipeline up to (not including) the schedule rules: what the rules see.
-
-    Mirrors edgellm/backends/tvm_cpu/__init__.py ``pipeline`` (keep the two in step)."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-
-    from edgellm.backends.tvm_cpu.relax_passes import layout_passes
-
-    return cpu_generic.library_dispatch_passes(target) + [layout_passes] + cpu_generic.legalize_passes(target)
-
-
 def prepare(mod, target):
     """The Relax module after the pre-schedule passes (legalized and fused, unscheduled)."""
     import tvm
+
+    from edgellm.backends.tvm_cpu import pre_schedule_passes
 
     target = _target(target)
     with target:
@@ -71,27 +65,11 @@ def prepare(mod, target):
 
 def pipeline(target, db_dir: str | Path | None = None):
     """edgellm's CPU pipeline with the tuning database applied before the hand-written rules."""
-    import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-
-    from edgellm.backends.tvm_cpu import schedule_rules
-    from edgellm.backends.tvm_cpu.apply import ApplyVerifiedSchedule
+    from edgellm.backends.tvm_cpu import pipeline as cpu_pipeline
 
     target = _target(target)
     db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
-
-    @tvm.transform.module_pass(opt_level=0, name="EdgeLLMCPUTunedPipeline")
-    def _pipeline(mod, _ctx):
-        with target:
-            seq = tvm.transform.Sequential(
-                pre_schedule_passes(target)
-                + [apply_database_pass(db_dir, target), ApplyVerifiedSchedule(*schedule_rules())]
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target)
-            )
-            return seq(mod)
-
-    return _pipeline
+    return cpu_pipeline(target, before_rules=[apply_database_pass(db_dir, target)])
 
 
 def _target(target):
@@ -112,7 +90,7 @@ def _tuning_target(target):
         config["num-cores"] = cpu_count(logical=False)
         try:
             return tvm.target.Target(config)
-        except Exception:  # pylint: disable=broad-except
+        except Exception:  # noqa: BLE001
             return tvm.target.Target(str(target) + f" -num-cores={config['num-cores']}")
     return target
 
@@ -164,7 +142,7 @@ def _record_seconds(record) -> float:
 
 def choose(rule_seconds: float | None, tuned_seconds: float | None) -> str:
     """'tuned' only when the tuned schedule measured strictly faster than the rules' schedule."""
-    if tuned_seconds is None or tuned_seconds != tuned_seconds or tuned_seconds == float("inf"):
+    if tuned_seconds is None or math.isnan(tuned_seconds) or math.isinf(tuned_seconds):
         return "rules"
     if rule_seconds is None or rule_seconds == float("inf"):
         return "tuned"
@@ -233,10 +211,8 @@ def _cpu_intrinsics():
     sys.modules[name] = stub
     try:
         for sub in ("x86", "arm_cpu"):
-            try:
+            with contextlib.suppress(Exception):
                 importlib.import_module(f"{name}.{sub}")
-            except Exception:  # pylint: disable=broad-except
-                pass
         yield
     finally:
         if sys.modules.get(name) is stub:
@@ -274,7 +250,7 @@ def _rule_schedule(func, target):
         try:
             with target:
                 sch = rule.apply(func, target, False)
-        except Exception:  # pylint: disable=broad-except
+        except Exception:  # noqa: BLE001
             sch = None
         if sch is None:
             continue
@@ -328,7 +304,7 @@ def _commit_rule_record(db, task_mod, sch, seconds, target) -> bool:
         db.commit_tuning_record(ms.database.TuningRecord(
             trace, workload, [seconds], target, ms.arg_info.ArgInfo.from_prim_func(task_mod["main"])))
         return True
-    except Exception:  # pylint: disable=broad-except
+    except Exception:  # noqa: BLE001
         return False
 
 
@@ -342,19 +318,19 @@ def _flops(mod) -> float:
             return 1.0
     try:
         return max(float(estimate_tir_flops(mod)), 1.0)
-    except Exception:  # pylint: disable=broad-except
+    except Exception:  # noqa: BLE001
         return 1.0
 
 
 def split_trials(weights: list[float], trials: int, minimum: int = 4) -> list[int]:
     """Trials per task, proportional to weight (largest first), each at least ``minimum`` while the
-    budget lasts; the total never exceeds ``trials``."""
-    order = sorted(range(len(weights)), key=lambda i: -weights[i])
+    budget lasts; weight 0 gets none; the total never exceeds ``trials``."""
+    order = sorted((i for i in range(len(weights)) if weights[i] > 0), key=lambda i: -weights[i])
     share = [0] * len(weights)
     left = trials
     total = sum(weights) or 1.0
     for i in order:
-        want = max(minimum, int(round(trials * weights[i] / total)))
+        want = max(minimum, round(trials * weights[i] / total))
         share[i] = min(want, left)
         left -= share[i]
     i = 0
@@ -409,14 +385,13 @@ def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = 
     if report["reused"]:
         say(f"{report['reused']}/{len(tasks)} tasks already tuned in {db_dir}")
 
-    try:
-        import xgboost  # noqa: F401
-
-        cost_model = "xgb"
-    except ImportError:
-        cost_model = "random"
     builder, runner = (make_builder(), make_runner()) if todo and trials > 0 else (None, None)
-    shares = split_trials([_flops(t.dispatched[0]) for t, _k, _e in todo], trials) if todo else []
+    # trials in proportion to FLOPs; a function under MIN_FLOP_SHARE of the model's FLOPs (reused ones
+    # included) is not worth a trial: it stays with the rules, and a rebuild does not spend on it
+    flops = {t.task_name: _flops(t.dispatched[0]) for t in tasks}
+    small = MIN_FLOP_SHARE * sum(flops.values())
+    weights = [flops[t.task_name] if flops[t.task_name] >= small else 0.0 for t, _k, _e in todo]
+    shares = split_trials(weights, trials) if todo else []
     new_entries = {}
     for n, ((task, key, entry), share) in enumerate(zip(todo, shares), 1):
         task_mod = task.dispatched[0]
@@ -424,6 +399,8 @@ def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = 
         report["functions"].append(fn)
         if budget_s is not None and time.monotonic() - start >= budget_s:
             fn["status"] = "budget"
+        elif weights[n - 1] == 0.0:
+            fn["status"] = "too small to tune"
         elif share <= 0:
             fn["status"] = "no trials left"
         if "status" in fn:
@@ -439,6 +416,7 @@ def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = 
                 _commit_rule_record(db, task_mod, sch, rule_s, tune_target)
         fn["rule_ms"], fn["rule"] = _ms(rule_s), rule_name
         # 2. MetaSchedule
+        cost_model = "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
         workdir = db_dir / "logs"
         with _cpu_intrinsics():
             ctx = ms.TuneContext(mod=task_mod, target=tune_target, space_generator="post-order-apply",
@@ -451,7 +429,7 @@ def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = 
                           max_trials_per_task=share, num_trials_per_iter=min(share, 64), builder=builder,
                           runner=runner, database=db, cost_model=cost_model, measure_callbacks="default",
                           task_scheduler="round-robin")
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:  # noqa: BLE001
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
         record = db.query_tuning_record(task_mod, tune_target, "main")
         best_s = _record_seconds(record)

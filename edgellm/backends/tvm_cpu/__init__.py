@@ -55,12 +55,23 @@ def schedule_rules():
     ]
 
 
-def pipeline(target: "tvm.target.Target") -> "tvm.transform.Pass":
-    """A Relax->VM pipeline usable as tvm.compile(mod, target, relax_pipeline=pipeline(target))."""
+def pre_schedule_passes(target: "tvm.target.Target") -> list:
+    """Everything before the schedule rules: what the rules (and MetaSchedule tuning) see."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    from .relax_passes import layout_passes
+
+    return cpu_generic.library_dispatch_passes(target) + [layout_passes] + cpu_generic.legalize_passes(target)
+
+
+def pipeline(target: "tvm.target.Target", before_rules: list | tuple = ()) -> "tvm.transform.Pass":
+    """A Relax->VM pipeline usable as tvm.compile(mod, target, relax_pipeline=pipeline(target)).
+
+    ``before_rules``: passes that schedule some functions first (e.g. a tuning database);
+    the rules then take what is left unscheduled."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     from .apply import ApplyVerifiedSchedule
-    from .relax_passes import layout_passes
 
     if not isinstance(target, tvm.target.Target):
         target = tvm.target.Target(target)
@@ -69,9 +80,8 @@ def pipeline(target: "tvm.target.Target") -> "tvm.transform.Pass":
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target)
-                + [layout_passes]
-                + cpu_generic.legalize_passes(target)
+                pre_schedule_passes(target)
+                + list(before_rules)
                 + [ApplyVerifiedSchedule(*schedule_rules())]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
