@@ -107,6 +107,7 @@ def _try_backend(name, traced, tgt, options, workdir, tolerance, measure, stage)
     detail = []
     with stage(f"verify {name}" if measure else "verify", detail):
         engine, why_not = _local_engine(compiled, tgt)
+        trial["engine"] = engine  # kept for the evaluate stage: no second load of the same code
         trial["verification"] = {"status": "skipped", "reason": why_not} if engine is None else _check(engine, traced, tolerance)
         v = trial["verification"]
         detail.append(f"skipped: {why_not}" if engine is None else
@@ -205,7 +206,7 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
         if plan.active:
             detail = []
             with stage("evaluate", detail):
-                detail.append(plan.evaluate(_local_engine(compiled, tgt)[0], traced))
+                detail.append(plan.evaluate(chosen.get("engine"), traced))
         detail = []
         with stage("package", detail):
             members = {name: Path(p).read_bytes() for name, p in compiled.files.items()}
