@@ -118,10 +118,11 @@ def targets(as_json):
 @click.option("--tune", type=click.IntRange(min=1), metavar="N", help="TVM: auto-tune with MetaSchedule for N trials in all (kept only where faster than edgellm's schedules)")
 @click.option("--tuning-db", type=click.Path(file_okay=False), metavar="DIR", help="TVM: tuning database, shared across builds and models [default with --tune: ~/.cache/edgellm/tuning/<target>/]; given alone, applies it without tuning")
 @click.option("--tune-budget", type=float, metavar="SECONDS", help="TVM: start no new tuning task after this long")
+@click.option("--fp16", is_flag=True, help="GPU targets: compute in fp16 (fp32 accumulation); verified to cosine >= 0.999")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON when done")
 @friendly
 def build(source, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance, quantize,
-          calib, eval_set, max_drop, tune, tuning_db, tune_budget, as_json):
+          calib, eval_set, max_drop, tune, tuning_db, tune_budget, fp16, as_json):
     """Build SOURCE (model.onnx, program.pt2, file.py:fn or zoo:NAME) into an .edgepkg."""
     from edgellm import api
 
@@ -130,7 +131,7 @@ def build(source, target, output, backend, input_shapes, pipeline, tolerance, pr
         result = api.build(source, target, output, backend=backend, input_shapes=list(input_shapes),
                            pipeline=pipeline, tolerance=tolerance, progress=progress, prune=prune, prune_mode=prune_mode,
                            prune_importance=prune_importance, quantize=quantize, calib=calib, eval=eval_set, max_drop=max_drop,
-                           tune=tune, tuning_db=tuning_db, tune_budget=tune_budget)
+                           tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16)
     finally:
         progress.close()
     _emit(result.manifest, as_json, lambda m: _console().print(
@@ -228,7 +229,7 @@ def profile(package, runs, warmup, threads, per_op, as_json):
 
 @main.command()
 @click.argument("package", type=click.Path())
-@click.option("--tolerance", default=1e-4, show_default=True, help="max error vs the stored fp32 reference, relative to output scale")
+@click.option("--tolerance", type=float, default=None, help="max error vs the stored fp32 reference, relative to output scale [default: the package's own]")
 @click.option("--qemu-cpu", help="emulated core [default: the target's qemu_cpu]")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly

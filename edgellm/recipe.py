@@ -13,6 +13,7 @@ class BuildRecipe:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     pipeline: str = "default"  # TVM CPU pipeline (edgellm/backends/tvm_pipelines.py)
     tolerance: float = 1e-4  # max |error| vs the fp32 reference, relative to the output scale
+    precision: str = "fp32"  # fp16: GPU targets compute in half precision (fp32 accumulation)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -35,7 +35,7 @@ def _emulated(arch: str) -> bool:
     raise EdgeError(f"cannot verify a {arch} package on this {host} machine", "run `python3 -m edgellm.runtime check` on the device")
 
 
-def verify(path: str | Path, tolerance: float = 1e-4, qemu_cpu: str | None = None, progress=None) -> dict:
+def verify(path: str | Path, tolerance: float | None = None, qemu_cpu: str | None = None, progress=None) -> dict:
     """Run the package's reference sample where its device is (or is emulated); pass/fail with the error."""
     path = Path(path)
     manifest = read_manifest(path)
@@ -48,7 +48,7 @@ def verify(path: str | Path, tolerance: float = 1e-4, qemu_cpu: str | None = Non
         shutil.copy2(path, work / "package.edgepkg")
         copy_runtime_sources(work / "rt")
         (work / "check.py").write_text(LAUNCHER)
-        args = ["check", "package.edgepkg", "--json", "--tolerance", str(tolerance)]
+        args = ["check", "package.edgepkg", "--json", *(["--tolerance", str(tolerance)] if tolerance is not None else [])]
         t0 = time.perf_counter()
         if emulated:
             from edgellm import emulate
@@ -80,5 +80,10 @@ def verify(path: str | Path, tolerance: float = 1e-4, qemu_cpu: str | None = Non
     except ValueError:
         lines = [line for line in (proc.stderr or "").strip().splitlines() if line.strip()]
         return {**result, "passed": False, "problem": f"the runtime failed on the device (exit {proc.returncode}): {lines[-1] if lines else 'no output'}"}
+    result["tolerance"] = check["tolerance"]
+    problem = None
+    if not check["passed"]:
+        problem = (f"error {check['rel_max_abs']:.3g} of the output scale > tolerance {check['tolerance']:g}"
+                   if check["rel_max_abs"] > check["tolerance"] else f"cosine {check['cosine_min']:.5f} < {check['min_cosine']}")
     return {**result, "passed": bool(check["passed"]), "max_abs": check["max_abs"], "rel_max_abs": check["rel_max_abs"],
-            "problem": None if check["passed"] else f"error {check['rel_max_abs']:.3g} of the output scale > tolerance {tolerance:g}"}
+            "cosine_min": check["cosine_min"], "problem": problem}

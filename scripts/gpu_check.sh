@@ -22,10 +22,13 @@
 #    for each package, with PYTHONPATH=runtime only:
 #      python -m edgellm.runtime check PKG --json       accuracy vs the fp32 reference stored in the package
 #      python -m edgellm.runtime profile PKG --runs 500 latency (the GPU is synchronized per inference)
-#    then PyTorch eager on the same GPU at batch 1 with the same input: p50 with the input already on
+#    Packages: each model at batch 1 and 32, fp32 and --fp16 (NAME[-b32][-fp16].edgepkg).
+#    then PyTorch eager on the same GPU at the same batch and precision (fp16 packages vs module.half()) with
+#    the same input: p50 with the input already on
 #    the GPU (kernels only) and p50 with the host->GPU copy and GPU->host copy included (what
 #    edgellm's run() does: numpy in, numpy out). Prints a table, writes results.json, and exits 1
-#    if a package fails its accuracy check (tolerance 1e-4 of the output scale) or cannot load.
+#    if a package fails its accuracy check (the package's own contract: error <= 1e-4 of the output scale
+#    for fp32; <= 1e-2 and cosine >= 0.999 for fp16) or cannot load.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//;/^set -euo/d'; exit 2; }
@@ -58,17 +61,22 @@ if t.tvm.get("kind") != "cuda":
     sys.exit(f"gpu_check: {target} is not a cuda target")
 builds = {}
 for name in models:
-    t0 = time.perf_counter()
-    r = api.build(f"zoo:{name}", t, out / "packages" / f"{name}.edgepkg")
-    builds[name] = {"seconds": round(time.perf_counter() - t0, 1), "stages": r.manifest["build"]["seconds"],
-                    "package_bytes": r.path.stat().st_size, "fatbin_bytes": r.manifest["backend"]["cuda"]["fatbin_bytes"]}
-    print(f"  built {name}: {builds[name]['seconds']} s, {builds[name]['package_bytes'] / 1e6:.2f} MB "
-          f"(kernels {builds[name]['fatbin_bytes'] / 1e3:.0f} kB)", flush=True)
     spec = zoo.build(name)
-    args = tuple(spec.inputs.values())
-    with torch.no_grad():
-        torch.export.save(torch.export.export(spec.module.eval(), args), str(out / "torch" / f"{name}.pt2"))
-        torch.jit.save(torch.jit.trace(spec.module.eval(), args, strict=False), str(out / "torch" / f"{name}.ts"))
+    for batch in (1, 32):
+        args = tuple(v.repeat(batch, *[1] * (v.dim() - 1)) for v in spec.inputs.values())
+        shapes = [f"{k}={'x'.join(map(str, a.shape))}" for k, a in zip(spec.inputs, args)]
+        for fp16 in (False, True):
+            key = name + ("" if batch == 1 else f"-b{batch}") + ("-fp16" if fp16 else "")
+            t0 = time.perf_counter()
+            r = api.build(f"zoo:{name}", t, out / "packages" / f"{key}.edgepkg", input_shapes=shapes, fp16=fp16)
+            builds[key] = {"seconds": round(time.perf_counter() - t0, 1), "stages": r.manifest["build"]["seconds"],
+                           "package_bytes": r.path.stat().st_size, "fatbin_bytes": r.manifest["backend"]["cuda"]["fatbin_bytes"]}
+            print(f"  built {key}: {builds[key]['seconds']} s, {builds[key]['package_bytes'] / 1e6:.2f} MB "
+                  f"(kernels {builds[key]['fatbin_bytes'] / 1e3:.0f} kB)", flush=True)
+        stem = name + ("" if batch == 1 else f"-b{batch}")
+        with torch.no_grad():
+            torch.export.save(torch.export.export(spec.module.eval(), args), str(out / "torch" / f"{stem}.pt2"))
+            torch.jit.save(torch.jit.trace(spec.module.eval(), args, strict=False), str(out / "torch" / f"{stem}.ts"))
 print(f"  bundling the runtime for {t.arch} / CPython {py} (with TVM's CUDA runtime and libcudart)", flush=True)
 bundle = bundle_runtime(t.arch, out / "runtime", py, cuda=True)
 (out / "build.json").write_text(json.dumps({"target": t.to_dict(), "python": py, "builds": builds,
@@ -100,6 +108,8 @@ TORCH = r'''
 import json, sys, time, zipfile, io
 import numpy as np, torch
 name, pkg, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+half = name.endswith("-fp16")
+name = name.removesuffix("-fp16")
 with zipfile.ZipFile(pkg) as z:
     ref = np.load(io.BytesIO(z.read("reference.npz")))
     manifest = json.loads(z.read("manifest.json"))
@@ -111,6 +121,9 @@ try:
 except Exception as e:  # another torch version: TorchScript loads across versions
     module, how = torch.jit.load(f"torch/{name}.ts"), f"torchscript ({type(e).__name__})"
 module = module.to(dev)
+if half:  # the fp16 package against PyTorch in half precision too (integer inputs stay integers)
+    module = module.half()
+    inputs = [x.half() if x.is_floating_point() else x for x in inputs]
 gpu_inputs = [x.to(dev) for x in inputs]
 def once_on_gpu():
     with torch.no_grad():
@@ -128,8 +141,8 @@ def p50(fn):
         t0 = time.perf_counter(); fn(); torch.cuda.synchronize(); times.append(time.perf_counter() - t0)
     return float(np.percentile(np.array(times) * 1e3, 50))
 out = once_end_to_end()
-err = max(float(np.abs(o.numpy() - e).max()) / max(1.0, float(np.abs(e).max())) for o, e in zip(out, expected))
-print(json.dumps({"how": how, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rel_max_abs_vs_reference": err,
+err = max(float(np.abs(o.float().numpy() - e).max()) / max(1.0, float(np.abs(e).max())) for o, e in zip(out, expected))
+print(json.dumps({"how": how, "dtype": "float16" if half else "float32", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rel_max_abs_vs_reference": err,
                   "p50_ms_on_gpu": p50(once_on_gpu), "p50_ms_with_copies": p50(once_end_to_end)}))
 '''
 
@@ -148,7 +161,7 @@ for pkg in sorted((here / "packages").glob("*.edgepkg")):
         print(f"{name}: FAILED to load: {r['error']}", flush=True)
         continue
     check = json.loads(out)
-    r["check"] = {"passed": check["passed"], "rel_max_abs": check["rel_max_abs"], "tolerance": check["tolerance"]}
+    r["check"] = {k: check.get(k) for k in ("passed", "rel_max_abs", "tolerance", "cosine_min", "min_cosine")}
     failed |= not check["passed"]
     rc, out, err = run(["-m", "edgellm.runtime", "profile", str(pkg), "--runs", str(runs), "--json", "--per-op"])
     if rc == 0:
@@ -161,7 +174,7 @@ for pkg in sorted((here / "packages").glob("*.edgepkg")):
     rc, out, err = run(["-c", TORCH, name, str(pkg), str(runs)])
     r["torch"] = json.loads(out.strip().splitlines()[-1]) if rc == 0 else {"error": (err.splitlines() or ["?"])[-1]}
     e, t = r.get("edgellm", {}), r["torch"]
-    print(f"{name:14s} accuracy {'PASS' if check['passed'] else 'FAIL'} ({check['rel_max_abs']:.2g})   "
+    print(f"{name:22s} accuracy {'PASS' if check['passed'] else 'FAIL'} ({check['rel_max_abs']:.2g}, cos {check['cosine_min']:.5f})   "
           f"edgellm p50 {e.get('p50_ms', float('nan')):.3f} ms   torch eager p50 {t.get('p50_ms_with_copies', float('nan')):.3f} ms "
           f"with copies, {t.get('p50_ms_on_gpu', float('nan')):.3f} ms on-GPU   "
           f"speedup {t.get('p50_ms_with_copies', float('nan')) / e.get('p50_ms', float('nan')):.2f}x", flush=True)

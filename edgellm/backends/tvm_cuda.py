@@ -114,6 +114,20 @@ def pipeline(tvm_target):
     return _pipeline
 
 
+FP16_INFO = {"compute": "fp16", "accumulate": "fp32", "inputs_outputs": "fp32",
+             "pass": "relax.transform.ToMixedPrecision(out_dtype=float32)"}
+
+
+def to_fp16(mod):
+    """Half-precision storage and arithmetic, fp32 accumulation in conv2d / matmul, fp32 at the boundary.
+
+    TVM's own ToMixedPrecision: ops that are safe in fp16 run in fp16, the rest (softmax, layer norm
+    statistics, ...) keep fp32; the model's inputs and outputs stay fp32, so callers see no difference."""
+    from tvm import relax
+
+    return relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+
+
 # ---------------------------------------------------------------------------------------------
 # nvcc
 
@@ -360,6 +374,11 @@ def compile(backend, traced: Traced, target: Target, options: dict, workdir: Pat
     if name not in ("default", PIPELINE, "stock"):
         raise EdgeError(f"unknown TVM pipeline {name!r} for a CUDA target", f"known: {PIPELINE} (default), stock")
     mod = tvm_backend.to_relax(traced)
+    precision = options.get("precision") or "fp32"
+    if precision == "fp16":
+        mod = to_fp16(mod)
+    elif precision != "fp32":
+        raise EdgeError(f"unknown precision {precision!r} for a CUDA target", "use fp32 (default) or fp16")
     tvm_target = tvm.target.Target(target.tvm)
     relax_pipeline = tvm.relax.get_default_pipeline(tvm_target) if name == "stock" else pipeline(tvm_target)
     path = workdir / "model.so"
@@ -387,6 +406,7 @@ def compile(backend, traced: Traced, target: Target, options: dict, workdir: Pat
             "tvm_ffi": tvm_backend.FFI_VERSION,
             "pipeline": "stock" if name == "stock" else PIPELINE,
             "tvm_target": str(tvm_target),
+            "precision": FP16_INFO if precision == "fp16" else {"compute": "fp32"},
             "cuda": {"arch": arch, "kernel_format": FATBIN_FORMAT, "nvcc": nvcc_version(),
                      "fatbin_bytes": sum(k["fatbin_bytes"] for k in kernels), "cuda_runtime": "libcudart.so.13"},
         },

@@ -104,14 +104,27 @@ class Model:
             raise EdgeError(f"{self.path.name} carries no reference sample", "rebuild it with this edgellm")
         return {s.name: self._reference[f"input.{s.name}"] for s in self.inputs}
 
-    def check_reference(self) -> dict:
-        """Run the stored sample and compare with the fp32 reference outputs stored beside it."""
+    def contract(self) -> dict:
+        """The accuracy the build promised: max error relative to the output scale (the build's verification
+        tolerance: 1e-4 for fp32, looser for int8 / fp16), and for fp16 a cosine floor."""
+        verification = self.manifest.get("verification") or {}
+        tolerance = verification.get("tolerance", self.manifest.get("recipe", {}).get("tolerance", 1e-4))
+        return {"tolerance": float(tolerance), **({"min_cosine": verification["min_cosine"]} if "min_cosine" in verification else {})}
+
+    def check_reference(self, tolerance: float | None = None) -> dict:
+        """Run the stored sample and compare with the fp32 reference outputs stored beside it.
+
+        ``tolerance`` None: the package's own contract (:meth:`contract`)."""
         from edgellm.runtime.accuracy import compare
 
         got = self.run(**self.example_inputs())
         stats = {name: compare(self._reference[f"output.{name}"], got[name]) for name in got}
         worst = max(stats.values(), key=lambda s: s["rel_max_abs"])
-        return {"outputs": stats, "rel_max_abs": worst["rel_max_abs"], "max_abs": worst["max_abs"]}
+        contract = {**self.contract(), **({"tolerance": tolerance} if tolerance is not None else {})}
+        cosine = min(s["cosine"] for s in stats.values())
+        passed = worst["rel_max_abs"] <= contract["tolerance"] and cosine >= contract.get("min_cosine", -1.0)
+        return {"outputs": stats, "rel_max_abs": worst["rel_max_abs"], "max_abs": worst["max_abs"], "cosine_min": cosine,
+                **contract, "passed": passed}
 
     def profile(self, runs: int = 100, warmup: int = 10, per_op: bool = False, inputs: dict | None = None) -> dict:
         """Latency figures in the ``edgellm.profile/1`` schema (docs/profile-schema.md)."""
