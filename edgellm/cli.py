@@ -154,6 +154,24 @@ def prune_cmd(source, ratio, mode, importance, output, as_json):
     _emit(report, as_json, lambda r: _console().print(r["summary"]))
 
 
+@main.command("quantize")
+@click.argument("source")
+@click.option("--calib", required=True, metavar="PATH|random", help="calibration samples: a folder of .npy/.npz, one .npz, or random")
+@click.option("--eval", "eval_set", metavar="PATH|random", help="evaluation samples [default: 20% held out of --calib]")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224", help="override an input's shape")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the quantized model, a QDQ .onnx")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@friendly
+def quantize_cmd(source, calib, eval_set, input_shapes, output, as_json):
+    """Quantize SOURCE to int8 (NNCF, calibrated) into a QDQ ONNX model that any ONNX runtime reads."""
+    from edgellm.compress.onnx_int8 import quantize_onnx
+
+    console = _console()
+    report = quantize_onnx(source, output, calib, eval_set, list(input_shapes),
+                           progress=None if as_json else lambda m: console.print(f"  {m}"))
+    _emit(report, as_json, lambda r: console.print(r["summary"]))
+
+
 @main.command()
 @click.argument("package", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
