@@ -157,14 +157,14 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
           progress: Progress | None = None, prune: float | None = None, prune_mode: str = "structured",
           prune_importance: str = "l2", quantize: str | None = None, calib: str | None = None, eval: str | None = None,
           max_drop: float | None = None, tune: int | None = None, tuning_db: str | Path | None = None,
-          tune_budget: float | None = None, fp16: bool = False) -> BuildResult:
+          tune_budget: float | None = None, fp16: bool = False, finetune=None) -> BuildResult:
     """source (-> prune) -> trace (-> samples) -> compile -> verify (-> measure, for backend="auto") (-> evaluate)
     -> package. Writes ``output`` atomically, and nothing when any stage fails."""
     from edgellm import source as sources
     from edgellm.compress.plan import Plan
     from edgellm.trace import parse_shapes, trace
 
-    plan = Plan(prune, prune_mode, prune_importance, quantize, calib, eval, max_drop)
+    plan = Plan(prune, prune_mode, prune_importance, quantize, calib, eval, max_drop, finetune)
 
     tgt = targets.resolve(target)
     shapes = parse_shapes(input_shapes)

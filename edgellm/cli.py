@@ -111,6 +111,7 @@ def targets(as_json):
 @click.option("--prune", type=float, help="structured: remove this share of channels / FFN units / heads (0.3); unstructured: of weights")
 @click.option("--prune-mode", type=click.Choice(["structured", "unstructured"]), default="structured", show_default=True)
 @click.option("--prune-importance", type=click.Choice(["l1", "l2", "taylor"]), default="l2", show_default=True)
+@click.option("--finetune", metavar="FILE.py:FN", help="with --prune: your fn(module) -> module, run on the pruned model (train it on your data)")
 @click.option("--quantize", type=click.Choice(["int8", "int8-weights"]), help="int8: static PTQ (calibrated); int8-weights: weight-only (OpenVINO)")
 @click.option("--calib", metavar="PATH|random", help="calibration samples: a folder of .npy/.npz, one .npz, or random")
 @click.option("--eval", "eval_set", metavar="PATH|random", help="evaluation samples [default: 20% held out of --calib]")
@@ -121,8 +122,8 @@ def targets(as_json):
 @click.option("--fp16", is_flag=True, help="GPU targets: compute in fp16 (fp32 accumulation); verified to cosine >= 0.999")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON when done")
 @friendly
-def build(source, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance, quantize,
-          calib, eval_set, max_drop, tune, tuning_db, tune_budget, fp16, as_json):
+def build(source, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance, finetune,
+          quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, fp16, as_json):
     """Build SOURCE (model.onnx, program.pt2, file.py:fn or zoo:NAME) into an .edgepkg."""
     from edgellm import api
 
@@ -131,7 +132,7 @@ def build(source, target, output, backend, input_shapes, pipeline, tolerance, pr
         result = api.build(source, target, output, backend=backend, input_shapes=list(input_shapes),
                            pipeline=pipeline, tolerance=tolerance, progress=progress, prune=prune, prune_mode=prune_mode,
                            prune_importance=prune_importance, quantize=quantize, calib=calib, eval=eval_set, max_drop=max_drop,
-                           tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16)
+                           tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16, finetune=finetune)
     finally:
         progress.close()
     _emit(result.manifest, as_json, lambda m: _console().print(
@@ -143,14 +144,17 @@ def build(source, target, output, backend, input_shapes, pipeline, tolerance, pr
 @click.option("--ratio", type=float, required=True, help="share of channels / FFN units / heads (structured) or weights to remove")
 @click.option("--mode", type=click.Choice(["structured", "unstructured"]), default="structured", show_default=True)
 @click.option("--importance", type=click.Choice(["l1", "l2", "taylor"]), default="l2", show_default=True)
+@click.option("--finetune", metavar="FILE.py:FN", help="your fn(module) -> module, run on the pruned model (train it on your data)")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the pruned model, a .pt2 (torch.export)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @friendly
-def prune_cmd(source, ratio, mode, importance, output, as_json):
+def prune_cmd(source, ratio, mode, importance, finetune, output, as_json):
     """Prune SOURCE (zoo:NAME or file.py:fn) into a .pt2 program that `edgellm build` takes."""
     from edgellm.compress.prune import prune_to_file
+    from edgellm.source import load_function
 
-    report = prune_to_file(source, ratio, mode, importance, output)
+    fn = load_function(finetune, "--finetune", "def NAME(module): ...train...; return module") if finetune else None
+    report = prune_to_file(source, ratio, mode, importance, output, fn)
     _emit(report, as_json, lambda r: _console().print(r["summary"]))
 
 

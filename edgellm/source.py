@@ -118,17 +118,35 @@ def _zoo(ref: str) -> Source:
     return _from_torch(ref, "zoo", zoo.build(name), f"zoo model {name}")
 
 
+def load_function(ref: str, what: str = "function", hint: str = "def NAME(): ..."):
+    """The function ``fn`` of ``file.py:fn`` (the file imported with its folder on sys.path)."""
+    file, _, fn = ref.rpartition(":")
+    path = Path(file)
+    if not file or not fn or path.suffix != ".py":
+        raise EdgeError(f"{what} {ref!r} is not file.py:function", f"e.g. train.py:{fn or 'finetune'}")
+    if not path.is_file():
+        raise EdgeError(f"{what} file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"edgellm_user_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent.resolve()))  # let the file import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's code failed: say where, not our stack
+        raise EdgeError(f"importing {path} raised {type(e).__name__}: {e}") from None
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
+    function = getattr(module, fn, None)
+    if not callable(function):
+        raise EdgeError(f"{path} has no function {fn!r}", f"define {hint.replace('NAME', fn)}")
+    return function
+
+
 def _factory(ref: str, path: Path, fn: str) -> Source:
     if not path.is_file():
         raise EdgeError(f"factory file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"edgellm_factory_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent.resolve()))  # let the factory import its neighbours
+    factory = load_function(ref, "factory", "def NAME(): return module, example_inputs")
+    sys.path.insert(0, str(path.parent.resolve()))
     try:
-        spec.loader.exec_module(module)
-        factory = getattr(module, fn, None)
-        if not callable(factory):
-            raise EdgeError(f"{path} has no function {fn!r}", f"define def {fn}(): return module, example_inputs")
         result = factory()
     except EdgeError:
         raise

@@ -34,6 +34,7 @@ class Plan:
     calib: str | None = None
     eval: str | None = None
     max_drop: float | None = None
+    finetune: object = None  # fn(module) -> module, run on the pruned model (user code, user data), or "file.py:fn"
     prune_report: dict | None = None
     quantize_info: dict | None = None
     evaluation: dict | None = None
@@ -57,6 +58,12 @@ class Plan:
             raise EdgeError(f"--max-drop {self.max_drop} is negative", "give percentage points, e.g. --max-drop 1.0")
         if not self.active and (self.calib or self.eval or self.max_drop is not None):
             raise EdgeError("--calib, --eval and --max-drop go with --prune or --quantize")
+        if self.finetune is not None and self.prune is None:
+            raise EdgeError("--finetune goes with --prune", "add --prune R, or drop --finetune")
+        if isinstance(self.finetune, str):
+            from edgellm.source import load_function
+
+            self.finetune = load_function(self.finetune, "--finetune", "def NAME(module): ...train...; return module")
 
     @property
     def active(self) -> bool:
@@ -84,7 +91,7 @@ class Plan:
         if self.prune is None:
             return ""
         self.keep_reference(src)
-        report = prune_source(src, float(self.prune), self.prune_mode, self.prune_importance)
+        report = prune_source(src, float(self.prune), self.prune_mode, self.prune_importance, finetune=self.finetune)
         self.prune_report = {k: v for k, v in report.items() if k not in ("tensors", "layers")}
         if report["mode"] == "unstructured":
             self.prune_report["layer_sparsity"] = {k: round(v["sparsity"], 4) for k, v in report["layers"].items()}

@@ -229,7 +229,12 @@ def prune(module, example_inputs: dict[str, np.ndarray], ratio: float, mode: str
             raise EdgeError("unstructured pruning ranks weights by magnitude only", "use --prune-importance l1 or l2, or structured mode")
         module, detail = _unstructured(module, float(ratio), importance, scope)
     if finetune is not None:
-        module = finetune(module)
+        try:
+            module = finetune(module)
+        except EdgeError:
+            raise
+        except Exception as e:  # the user's training code failed: say so, not our stack
+            raise EdgeError(f"the finetune callback raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
         if not isinstance(module, torch.nn.Module):
             raise EdgeError("the finetune callback must return the module")
         module.eval()
@@ -409,7 +414,7 @@ def summary(report: dict) -> str:
             + (f", heads {heads['before']} -> {heads['after']}" if heads else ""))
 
 
-def prune_to_file(ref: str, ratio: float, mode: str, importance: str, output) -> dict:
+def prune_to_file(ref: str, ratio: float, mode: str, importance: str, output, finetune: Callable | None = None) -> dict:
     """``edgellm prune``: load a source, prune it, save a .pt2 program; the report (tensor shapes left out) + summary."""
     from pathlib import Path
 
@@ -422,7 +427,7 @@ def prune_to_file(ref: str, ratio: float, mode: str, importance: str, output) ->
         raise EdgeError(f"cannot write {output}: folder {output.parent} does not exist", f"mkdir -p {output.parent}")
     src = sources.load(ref)
     _check_prunable(src)
-    pruned, report = prune(src.model, src.inputs, ratio, mode, importance)
+    pruned, report = prune(src.model, src.inputs, ratio, mode, importance, finetune)
     tmp = output.with_name(f".{output.stem}.tmp.pt2")
     try:
         export(pruned, src.inputs, tmp)
