@@ -174,7 +174,11 @@ def apply_database_pass(db_dir, target):
                 continue
             record = db.query_tuning_record(task_mod, task.target, "main")
             entry = rules.get(_key(task_mod, target))
-            if record is None or choose(entry.get("rule_s") if entry else None, _record_seconds(record)) != "tuned":
+            if record is None:
+                continue
+            if entry is not None and entry.get("rule_hash") != rules_fingerprint(task_mod["main"], target):
+                continue  # measured against another version of the rules: keep the rules until retuned
+            if choose(entry.get("rule_s") if entry else None, _record_seconds(record)) != "tuned":
                 continue
             workload = winners.commit_workload(task_mod)
             winners.commit_tuning_record(ms.database.TuningRecord(
@@ -259,6 +263,19 @@ def _rule_schedule(func, target):
         if _lowers(sch.mod["main"], target):
             return type(rule).__name__, sch
     return None, None
+
+
+def rules_fingerprint(func, target, sch=None) -> str | None:
+    """Which hand-written schedule a stored rule time belongs to: the structural hash of the rules'
+    schedule of ``func``.  The rules change between edgellm versions; a rule time
+    measured for an older schedule says nothing about the current one."""
+    import tvm_ffi
+
+    if sch is None:
+        _, sch = _rule_schedule(func, target)
+    if sch is None:
+        return None
+    return f"{tvm_ffi.structural_hash(sch.mod['main']):x}"
 
 
 def _measure(mods, target, builder, runner) -> list[float | None]:
@@ -374,8 +391,11 @@ def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = 
         task_mod = task.dispatched[0]
         key = _key(task_mod, target)
         entry = rules.get(key)
+        if entry and entry.get("rule_hash") != rules_fingerprint(task_mod["main"], target):
+            # the rules changed since this was tuned: measure them again, tune on (the records stay)
+            entry = {"trials": entry.get("trials")}
         record = db.query_tuning_record(task_mod, tune_target, "main") if db.has_workload(task_mod) else None
-        if (entry and entry.get("tuned")) or (entry is None and record is not None):
+        if (entry and entry.get("tuned")) or (not entry and record is not None):
             report["reused"] += 1
             report["functions"].append({"name": task.task_name, "status": "reused", "trials": 0,
                                         "rule_ms": _ms(entry.get("rule_s") if entry else None),
@@ -438,6 +458,7 @@ def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = 
         report["trials"] += share
         report["tuned"] += error is None
         new_entries[key] = {"task": task.task_name, "rule_s": rule_s, "rule": rule_name,
+                            "rule_hash": rules_fingerprint(task_mod["main"], target, sch) if sch is not None else None,
                             "tuned": error is None, "trials": share + (entry.get("trials") or 0)}
         _save_rules(db_dir, new_entries)
         say(f"task {n}/{len(todo)} {task.task_name}: {share} trials, best {_fmt(best_s)}"

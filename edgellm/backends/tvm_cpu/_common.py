@@ -396,3 +396,36 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
     for b in [p for p in producers if not any(p.same_as(a) for a in at_tile)] + leftover:
         schedule_injective(sch, b, lanes)
     return sch
+
+
+def _is_identity_copy(sch, block) -> bool:
+    """``B[i..] = A[i..]`` with the same index expressions (e.g. a zero-width ``pad``)."""
+    stmt = sch.get(block)
+    body = stmt.body
+    if len(stmt.writes) != 1 or len(stmt.reads) != 1 or not isinstance(body, tirx.BufferStore):
+        return False
+    value = body.value
+    # a buffer load (0.27 calls the node TensorLoad; tirx.BufferLoad is a factory function)
+    if not (hasattr(value, "indices") and (hasattr(value, "buffer") or hasattr(value, "source"))) \
+            or len(value.indices) != len(body.indices):
+        return False
+    return all(a.same_as(b) or (isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm) and int(a) == int(b))
+               for a, b in zip(value.indices, body.indices))
+
+
+def inline_identity_copies(sch) -> int:
+    """Inline spatial root blocks that only copy a buffer element-wise (a ``pad`` of width 0
+    left by legalization before a 1x1 conv): a whole extra memory pass and a parallel launch."""
+    outputs = func_output_buffers(sch.mod["main"])
+    done = 0
+    for b in root_blocks(sch):
+        stmt = sch.get(b)
+        if not is_spatial_block(sch, b) or stmt.writes[0].source in outputs:
+            continue
+        if _is_identity_copy(sch, b):
+            try:
+                sch.compute_inline(b)
+                done += 1
+            except Exception:  # pylint: disable=broad-except
+                pass
+    return done

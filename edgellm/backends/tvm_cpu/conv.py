@@ -11,7 +11,7 @@ BN/bias/ReLU/clip/residual epilogues inlined into the vectorized write-back.
 from __future__ import annotations
 
 
-from ._common import SafeRule, TileInfo, schedule_tiled_reduction
+from ._common import SafeRule, TileInfo, inline_identity_copies, schedule_tiled_reduction
 from .matmul import _is_multiply_accumulate, find_single_reduction
 
 
@@ -20,6 +20,10 @@ class ConvNHWC(SafeRule):
 
     def schedule(self, sch, func, target):
         _, main = find_single_reduction(sch)
+        if not _is_multiply_accumulate(sch.get(main.block_rv)):
+            return None
+        if inline_identity_copies(sch):  # the zero-width pad of a 1x1 conv
+            _, main = find_single_reduction(sch)
         if not _is_multiply_accumulate(sch.get(main.block_rv)):
             return None
         tile = TileInfo(sch, main)

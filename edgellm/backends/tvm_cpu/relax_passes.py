@@ -7,7 +7,8 @@
 * gelu decomposition + ``FastMathTransform``: fast (polynomial, vectorizable) exp, erf,
   tanh, softmax instead of scalar libm calls.
 * NHWC/HWIO conv2d via ``ConvertLayout`` + ``FoldConstant`` (weights are constants, so
-  the HWIO transpose is folded at compile time).
+  the HWIO transpose is folded at compile time); then 1x1 stride-1 convs as
+  ``matmul(x[N, H, W, C], w[C, O])`` (no zero-width pad copy).
 """
 
 from __future__ import annotations
@@ -143,7 +144,39 @@ def _function_pass(rewrite, name):
     return _pass
 
 
+def _rewrite_pointwise_conv(func):
+    """NHWC/HWIO 1x1 conv2d (stride 1, no padding, groups 1, constant fp32 weights) ->
+    ``matmul(x[N, H, W, C], w[C, O])`` (output [N, H, W, O], same layout).
+
+    Same sum over C per output (float reassociation at most); legalized, the conv is a
+    zero-width ``pad`` copy of the input (a full memory pass and a parallel launch) plus the
+    reduction, the matmul is the reduction alone, tiled by the Matmul rule over H*W rows."""
+    x, w = wildcard(), is_const()
+    pattern = is_op("relax.nn.conv2d")(x, w)
+
+    def rewriter(expr, matches):
+        a = expr.attrs
+        if (str(a["data_layout"]) != "NHWC" or str(a["kernel_layout"]) != "HWIO"
+                or str(a["out_layout"]) not in ("NHWC", "")):
+            return expr
+        if int(a["groups"]) != 1 or any(int(v) != 1 for v in a["strides"]) or any(int(v) != 0 for v in a["padding"]):
+            return expr
+        xs = getattr(matches[x], "ty", None)
+        if not isinstance(xs, relax.TensorType) or xs.dtype != "float32" or xs.ndim != 4:
+            return expr
+        weight = _const_np(matches[w])
+        if weight.ndim != 4 or weight.shape[:2] != (1, 1) or str(weight.dtype) != "float32":
+            return expr
+        out_dtype = str(a["out_dtype"]) if a["out_dtype"] is not None else ""
+        if out_dtype not in ("", "void", "float32"):
+            return expr
+        return relax.op.matmul(matches[x], relax.const(np.ascontiguousarray(weight.reshape(weight.shape[2:]))))
+
+    return rewrite_call(pattern, rewriter, func)
+
+
 fold_bn_numpy = _function_pass(_fold_bn_numpy, "EdgeFoldBatchNorm")
+pointwise_conv_to_matmul = _function_pass(_rewrite_pointwise_conv, "EdgePointwiseConvToMatmul")
 fold_permute_numpy = _function_pass(_fold_permute_numpy, "EdgeFoldConstPermute")
 
 
@@ -186,6 +219,10 @@ def layout_passes(mod, _ctx):
             new = relax.transform.FoldConstant()(new)
             new = relax.transform.CanonicalizeBindings()(new)
             mod = new
+        except Exception:  # pylint: disable=broad-except
+            pass
+        try:
+            mod = pointwise_conv_to_matmul(mod)
         except Exception:  # pylint: disable=broad-except
             pass
     return mod

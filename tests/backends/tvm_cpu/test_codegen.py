@@ -92,3 +92,36 @@ def test_rule_leaves_unmatched_function_untouched():
     target = tvm.target.Target(AVX512)
     assert Matmul().apply(add, target, False) is None
     assert ConvNHWC().apply(add, target, False) is None
+
+
+def test_depthwise_pads_per_row_and_unrolls_taps():
+    """Depthwise: the pad is computed inside the parallel loop (no separate padded copy of the
+    input), the 3x3 taps are unrolled, channels vectorized."""
+    from test_numerics import Depthwise
+
+    funcs = _scheduled(Depthwise(c=64), torch.randn(1, 64, 25, 20), AVX512)
+    dw = [f for n, f in funcs.items() if "conv2d" in n]
+    assert dw, funcs.keys()
+    text = dw[0].script()
+    par = text.index("T.parallel(")
+    assert text.index('T.sblock("pad_temp")') > par, text  # padding under the parallel loop
+    assert text.count("T.parallel(") == 1, text
+    assert text.count("T.unroll(T.int64(3))") >= 2, text
+    assert "T.vectorized(T.int64(16))" in text
+
+
+def test_pointwise_conv_is_a_matmul_without_pad_copy():
+    model = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 1), torch.nn.ReLU())
+    funcs = _scheduled(model, torch.randn(1, 32, 14, 14), AVX512)
+    names = list(funcs)
+    assert any("matmul" in n for n in names) and not any("conv2d" in n for n in names), names
+    for n, f in funcs.items():
+        if "matmul" in n:
+            assert "pad_temp" not in f.script()
+
+
+def test_unpadded_conv_has_no_pad_copy():
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=0), torch.nn.ReLU())
+    funcs = _scheduled(model, torch.randn(1, 16, 17, 17), AVX512)
+    conv = [f for n, f in funcs.items() if "conv2d" in n]
+    assert conv and "pad_temp" not in conv[0].script()

@@ -109,3 +109,34 @@ def test_avgpool_linear():
 def test_avx2_target(target):
     check_close(Attention(), torch.randn(1, 16, 64), target)
     check_close(randomize_bn(ConvBnRelu()), torch.randn(1, 16, 12, 12), target)
+
+
+class PointwiseStack(nn.Module):
+    """1x1 convs (stride 1: rewritten as matmul; stride 2: a conv) with bias, residual, ReLU6."""
+
+    def __init__(self, c=24, e=96):
+        super().__init__()
+        self.expand = nn.Conv2d(c, e, 1)
+        self.project = nn.Conv2d(e, c, 1)
+        self.down = nn.Conv2d(c, 2 * c, 1, stride=2)
+
+    def forward(self, x):
+        y = x + self.project(F.relu6(self.expand(x)))
+        return self.down(y)
+
+
+def test_pointwise_convs():
+    check_close(PointwiseStack(), torch.randn(1, 24, 14, 14))
+
+
+@pytest.mark.parametrize("c,hw,stride", [(64, (25, 20), 1), (16, (13, 13), 1), (48, (7, 7), 2), (40, (9, 11), 2),
+                                         (8, (5, 3), 1)],
+                         ids=["kws", "prime-w", "7x7-s2", "c40-odd", "c8-tiny"])
+def test_depthwise_shapes(c, hw, stride):
+    check_close(randomize_bn(Depthwise(c=c, stride=stride)), torch.randn(1, c, *hw))
+
+
+def test_unpadded_conv():
+    # padding 0: legalization's zero-width pad copy is inlined into the conv
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=0), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, padding=0))
+    check_close(model, torch.randn(1, 16, 17, 17))

@@ -86,7 +86,7 @@ def test_split_trials_stays_within_budget():
     assert tvm_tune.split_trials([0.0, 5.0, 0.0], 8) == [0, 8, 0]  # too small to tune: no trials
 
 
-def _fake_db(tmp_path, mod, target, record_s, rule_s):
+def _fake_db(tmp_path, mod, target, record_s, rule_s, rule_hash=None):
     """A database holding one record (a no-op trace) for the model's only function, measured
     ``record_s``; the rules measured ``rule_s``."""
     from tvm.s_tir import meta_schedule as ms
@@ -102,8 +102,10 @@ def _fake_db(tmp_path, mod, target, record_s, rule_s):
     db.commit_tuning_record(ms.database.TuningRecord(
         sch.trace, workload, [record_s], tvm_tune._tuning_target(target),
         ms.arg_info.ArgInfo.from_prim_func(task_mod["main"])))
+    fingerprint = tvm_tune.rules_fingerprint(task_mod["main"], target) if rule_hash is None else rule_hash
     (tmp_path / tvm_tune.RULES_FILE).write_text(json.dumps(
-        {tvm_tune._key(task_mod, target): {"rule_s": rule_s, "tuned": True, "task": tasks[0].task_name}}))
+        {tvm_tune._key(task_mod, target): {"rule_s": rule_s, "tuned": True, "task": tasks[0].task_name,
+                                           "rule_hash": fingerprint}}))
     return prepared
 
 
@@ -119,6 +121,28 @@ def test_apply_pass_uses_a_record_only_when_it_beat_the_rules(tmp_path, record_s
     with target:
         out = tvm_tune.apply_database_pass(tmp_path, target)(prepared)
     assert list(_scheduled(out).values()) == [applied]
+
+
+def test_apply_pass_ignores_a_rule_time_measured_for_other_rules(tmp_path):
+    """A rule time stored for another version of the rules (another schedule) is stale: the record
+    is not applied even though it beat that time; the current rules schedule the function."""
+    target = _host_target()
+    prepared = _fake_db(tmp_path, _relax(MatmulBiasRelu(), torch.randn(32, 128)), target, 1e-3, 2e-3,
+                        rule_hash="0")
+    with target:
+        out = tvm_tune.apply_database_pass(tmp_path, target)(prepared)
+    assert list(_scheduled(out).values()) == [False]
+
+
+def test_rules_fingerprint_is_stable():
+    from tvm.s_tir import meta_schedule as ms
+
+    target = _host_target()
+    prepared = tvm_tune.prepare(_relax(MatmulBiasRelu(), torch.randn(32, 128)), target)
+    (task,) = ms.relax_integration.extract_tasks(prepared, tvm_tune._tuning_target(target))
+    a = tvm_tune.rules_fingerprint(task.dispatched[0]["main"], target)
+    b = tvm_tune.rules_fingerprint(task.dispatched[0]["main"], target)
+    assert a is not None and a == b
 
 
 def test_apply_pass_without_a_database_changes_nothing(tmp_path):
