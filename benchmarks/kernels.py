@@ -2,7 +2,10 @@
 
 * matmul 1024^3 (+ bias): GFLOP/s of ``edgellm.backends.tvm_cpu.pipeline`` vs numpy BLAS
   (and the stock TVM cpu_generic pipeline with ``--stock``);
-* conv2d 3x3, 56x56x64 -> 64 (+ ReLU): ms of the pipeline vs torch and onnxruntime.
+* conv2d 3x3, 56x56x64 -> 64 (+ ReLU): ms of the pipeline vs torch and onnxruntime;
+* int8 dense 1024^3 (u8 x s8 -> s32, ``edgellm.backends.tvm_int8``: packed weights, VNNI
+  ``vpdpbusd``): GOP/s vs the fp32 matmul rule, onnxruntime ``MatMulInteger`` and torch
+  ``_int_mm`` (s8 x s8), with ``--int8`` (target ``+avx512vnni`` added to ``--mcpu``).
 
 All in one process, each timed as the best median of several repeats.  Usage::
 
@@ -27,6 +30,8 @@ def _parse():
     p.add_argument("--size", type=int, default=1024, help="matmul M = N = K")
     p.add_argument("--stock", action="store_true", help="also time the stock cpu_generic pipeline")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--int8", action="store_true", help="also time the int8 dense kernel (AVX-512 VNNI)")
+    p.add_argument("--only-int8", action="store_true", help="time only the int8 dense kernel and its fp32 twin")
     return p.parse_args()
 
 
@@ -116,6 +121,10 @@ def main():
         rows.append((f"matmul {n}^3 +bias", "stock TVM", time_vm(vm_s, x, 1, 2), flops, ctime_s))
     ref = rows[1][2]
     _table("matmul", rows, ref)
+    if ARGS.int8 or ARGS.only_int8:
+        int8_dense(n, t_tvm)
+    if ARGS.only_int8:
+        return
 
     # ---- conv2d 3x3 56x56x64 ----
     rows = []
@@ -147,6 +156,63 @@ def main():
         vm_s, ctime_s = compile_torch(conv, xc, target, use_pipeline=False)
         rows.append(("conv3x3 56x56x64", "stock TVM", time_vm(vm_s, xc, 1, 2), cflops, ctime_s))
     _table("conv2d", rows, ref)
+
+
+def int8_dense(n: int, t_fp32: float):
+    """u8 x s8 -> s32 packed dense (edgellm int8 rule) vs the fp32 rule, ORT MatMulInteger, torch _int_mm."""
+    import numpy as np
+
+    from edgellm.backends.tvm_int8.compute import dense_int8_primfunc, pack_weight
+    from edgellm.backends.tvm_int8.x86 import PackedDenseX86
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": ARGS.mcpu, "mattr": ["+avx512vnni"]})
+    ops = 2.0 * n * n * n
+    t0 = time.perf_counter()
+    sch = PackedDenseX86().apply(dense_int8_primfunc(n, n, n, 16, "uint8"), target, False)
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target)
+    ctime = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (n, n)).astype(np.uint8)
+    w = rng.integers(-127, 128, (n, n)).astype(np.int8)  # [N, K]
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev), tvm.runtime.tensor(pack_weight(w, 16), dev),
+            tvm.runtime.tensor(np.zeros((n, n), np.int32), dev)]
+    mod = lib.mod if hasattr(lib, "mod") else lib
+    t8 = min(mod.time_evaluator("main", dev, number=10, repeat=ARGS.repeat)(*args).results)
+    asm = mod.inspect_source("asm")
+    rows = [(f"dense {n}^3 int8", "edgellm TVM", t8, ops, ctime),
+            (f"matmul {n}^3 fp32", "edgellm TVM", t_fp32, ops, None)]
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        graph = helper.make_graph(
+            [helper.make_node("MatMulInteger", ["A", "B"], ["C"])], "mmi",
+            [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
+            [helper.make_tensor_value_info("C", TensorProto.INT32, [n, n])],
+            [numpy_helper.from_array(np.ascontiguousarray(w.T), "B")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8  # what the installed onnxruntime reads
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = ARGS.threads, 1
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"A": a})[0]
+        rows.append((f"dense {n}^3 int8", "onnxruntime", best_median(lambda: sess.run(None, {"A": a}), 10, ARGS.repeat), ops, None))
+        mod["main"](*args)
+        exact = np.array_equal(args[2].numpy(), got)
+    except Exception as err:  # pylint: disable=broad-except
+        print("onnxruntime MatMulInteger unavailable:", err)
+        exact = None
+    try:
+        ta = torch.from_numpy((a.astype(np.int16) - 128).astype(np.int8))
+        tw = torch.from_numpy(np.ascontiguousarray(w.T))
+        torch._int_mm(ta, tw)  # pylint: disable=protected-access
+        rows.append((f"dense {n}^3 int8", "torch _int_mm", best_median(lambda: torch._int_mm(ta, tw), 10, ARGS.repeat), ops, None))
+    except Exception as err:  # pylint: disable=broad-except
+        print("torch _int_mm unavailable:", err)
+    _table("int8 dense (GFLOP/s column = GOP/s)", rows, rows[1][2])
+    print(f"vpdpbusd in the int8 kernel: {asm.count('vpdpbusd')} instructions; "
+          f"equal to onnxruntime's result: {exact}")
 
 
 def _table(title, rows, ref):

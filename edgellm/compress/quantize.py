@@ -14,7 +14,9 @@ Modes (``--quantize``):
   stay f32 (weights are decompressed inside the f32 GEMM: no int8 kernels, int8_share 0). It still runs
   faster where the f32 weights' memory traffic dominates (MiniLM, 2 threads: 12.5 -> 7.2 ms; static int8 4.7 ms).
 
-TVM: int8 is not implemented in this edgellm yet; asking for it is an EdgeError.
+TVM: ``int8`` is edgellm's own Relax rewrite to u8/s8 -> s32 kernels (edgellm/backends/tvm_int8): static
+per-tensor activations (calibrated) for CNNs, dynamic per-row activations for transformer encoders;
+``int8-weights`` is refused for TVM.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ def check(backend: str, mode: str | None) -> None:
     if mode not in MODES:
         raise EdgeError(f"unknown quantization {mode!r}", f"use one of {', '.join(MODES)}")
     if backend == "tvm":
-        raise EdgeError("int8 with the TVM backend is not implemented yet", "use --backend openvino for int8 on x86_64")
+        if mode == "int8-weights":
+            raise EdgeError("weight-only int8 (int8-weights) is not implemented for the TVM backend",
+                            "use --quantize int8 (static / dynamic int8 with integer kernels), or --backend openvino")
+        return
     if backend != "openvino":
         raise EdgeError(f"int8 with the {backend} backend is not implemented", "use --backend openvino")
 

@@ -57,7 +57,7 @@ def test_bench_int8_adds_onnxruntime_int8_and_edgellm_int8(tmp_path):
 
     report = bench(["zoo:kws-cnn"], threads=1, runs=3, warmup=1, build_dir=tmp_path, quantize="int8", calib="random")
     model = report["models"][0]
-    assert {"onnxruntime-int8", "edgellm-openvino-int8"} <= set(model["engines"])
-    assert model["engines"]["edgellm-openvino-int8"]["cosine"] > 0.99
+    assert {"onnxruntime-int8", "edgellm-openvino-int8", "edgellm-tvm-int8"} <= set(model["engines"])
+    for backend in ("openvino", "tvm"):
+        assert model["engines"][f"edgellm-{backend}-int8"]["cosine"] > 0.99
     assert model["engines"]["edgellm-openvino-int8"]["package_bytes"] < model["engines"]["edgellm-openvino"]["package_bytes"]
-    assert "not implemented" in model["skipped"]["edgellm-tvm-int8"]

@@ -42,9 +42,12 @@ def test_unstructured_package_is_deflated(tmp_path):
 
 @needs_api
 def test_cli_errors(tmp_path):
-    r = run_cli("build", "zoo:kws-cnn", "--backend", "tvm", "--quantize", "int8", "-o", str(tmp_path / "t.edgepkg"))
+    r = run_cli("build", "zoo:kws-cnn", "--backend", "tvm", "--quantize", "int8-weights", "-o", str(tmp_path / "t.edgepkg"))
     assert r.returncode == 2
-    assert r.stderr.strip().endswith("error: int8 with the TVM backend is not implemented yet (use --backend openvino for int8 on x86_64)")
+    assert r.stderr.strip().endswith("error: weight-only int8 (int8-weights) is not implemented for the TVM backend "
+                                     "(use --quantize int8 (static / dynamic int8 with integer kernels), or --backend openvino)")
+    r = run_cli("build", "zoo:kws-cnn", "--backend", "tvm", "--quantize", "int8", "-o", str(tmp_path / "t.edgepkg"))
+    assert r.returncode == 2 and "error: static int8 needs calibration data (give --calib" in r.stderr
     r = run_cli("build", "zoo:kws-cnn", "--backend", "openvino", "--quantize", "int8", "-o", str(tmp_path / "t.edgepkg"))
     assert r.returncode == 2 and "error: static int8 needs calibration data (give --calib" in r.stderr
     assert not (tmp_path / "t.edgepkg").exists()

@@ -78,9 +78,12 @@ def test_bad_options(kwargs, words):
         Plan(**kwargs)
 
 
-def test_tvm_int8_refused_early_and_inactive_plan_is_a_no_op():
-    with pytest.raises(EdgeError, match="int8 with the TVM backend is not implemented yet"):
-        Plan(quantize="int8").check_backend("tvm")
+def test_tvm_int8_weights_refused_early_and_inactive_plan_is_a_no_op():
+    with pytest.raises(EdgeError, match="int8-weights"):
+        Plan(quantize="int8-weights").check_backend("tvm")
+    with pytest.raises(EdgeError, match="static int8 needs calibration data"):
+        Plan(quantize="int8").check_backend("tvm")  # accepted by the backend; calibration still required
+    Plan(quantize="int8", calib="random").check_backend("tvm")
     Plan(prune=0.3).check_backend("tvm")  # pruning works with any backend
     plan = Plan()
     assert not plan.active and plan.options() == {} and plan.tolerance(1e-4) == 1e-4

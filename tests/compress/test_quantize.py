@@ -52,11 +52,12 @@ def int8_vs_fp32(name, samples=None, mode="int8", eval_samples=None):
     return report, share, p50, (fp32_sizes, int8_sizes), compiled.info["quantize"]
 
 
-def test_tvm_int8_is_not_implemented():
+def test_tvm_int8_weights_is_refused_and_int8_accepted():
     with pytest.raises(EdgeError) as e:
-        q.check("tvm", "int8")
-    assert e.value.problem == "int8 with the TVM backend is not implemented yet"
-    assert e.value.fix == "use --backend openvino for int8 on x86_64"
+        q.check("tvm", "int8-weights")
+    assert e.value.problem == "weight-only int8 (int8-weights) is not implemented for the TVM backend"
+    assert "--quantize int8" in e.value.fix
+    q.check("tvm", "int8")
     with pytest.raises(EdgeError, match="unknown quantization"):
         q.check("openvino", "int4")
     q.check("openvino", "int8")

@@ -43,7 +43,10 @@ def schedule_rules():
     from .matmul import Matmul
     from .reduction import Pooling, RowReduction
 
+    from edgellm.backends.tvm_int8 import int8_rules  # only match the int8 rewrite's packed dense kernels
+
     return [
+        *int8_rules(),
         Matmul(),
         ConvNHWC(),
         DepthwiseNHWC(),

@@ -86,9 +86,22 @@ class Engine:
             lib = tvm.runtime.load_module(str(path))
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.device)
         self._main = self.vm["main"]
+        self._empty = tvm.runtime.empty
+        self._inputs: list = []
+
+    def _feed(self, arrays: list[np.ndarray]) -> list:
+        """Device tensors holding ``arrays``: allocated once, then refilled (copyfrom: 7 us for kws-cnn's input
+        vs 12 us for a new tensor; numpy's buffers are not 64-byte aligned, so zero-copy DLPack is refused)."""
+        same = len(self._inputs) == len(arrays) and all(
+            tuple(t.shape) == a.shape and str(t.dtype) == str(a.dtype) for t, a in zip(self._inputs, arrays))
+        if not same:
+            self._inputs = [self._empty(a.shape, str(a.dtype), self.device) for a in arrays]
+        for t, a in zip(self._inputs, arrays):
+            t.copyfrom(np.ascontiguousarray(a))
+        return self._inputs
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        out = self._main(*[self._tensor(a, self.device) for a in arrays])
+        out = self._main(*self._feed(arrays))
         if self.cuda:  # kernels run asynchronously: the inference ends when the GPU is done
             self.device.sync()
         if hasattr(out, "numpy"):

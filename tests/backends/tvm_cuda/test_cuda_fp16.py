@@ -11,7 +11,7 @@ from edgellm.backends import tvm_cuda
 from edgellm.errors import EdgeError
 from edgellm.runtime.accuracy import compare
 
-from cuda_testing import GPU, cuobjdump, gpu, gpu_target, model_so, needs_nvcc
+from cuda_testing import cuobjdump, gpu, gpu_target, model_so, needs_nvcc
 
 MIN_COSINE = api.FP16_MIN_COSINE  # the bar for fp16: 0.999
 

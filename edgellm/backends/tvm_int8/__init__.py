@@ -1,0 +1,122 @@
+"""int8 for edgellm's TVM backend: real integer arithmetic (u8 x s8 -> s32 on x86 AVX-512 VNNI).
+
+    mod, info = quantize(mod, target, options, input_names)   # tvm.py, for --quantize int8
+
+1. ``relax_passes.layout_passes`` (BN folding, NHWC convs, constant weights);
+2. static mode: calibration (``calibrate.py``), the fp32 model compiled by TVM run on the
+   user's samples, per-tensor activation ranges; dynamic mode (transformer encoders):
+   per-row scales computed at run time;
+3. ``rewrite.py``: conv2d 1x1 / matmul with constant weights -> quantize + packed int8 dense
+   (``compute.py``) + dequantize, weights int8 per channel packed as constants;
+4. the usual pipeline; ``int8_rules()`` (registered first in ``tvm_cpu.schedule_rules``)
+   schedules the packed dense with VNNI (``x86.py``) or sdot (``arm.py``).
+
+Also (static mode) depthwise convs after an int8 dense read 8-bit activations with int8
+weights (f32 arithmetic, ``compute.depthwise_dq_te``), and (both modes) large embedding tables
+are stored int8 per row. ``--quantize int8-weights`` is refused for TVM (``compress.quantize``).
+Measured figures: docs/tvm-int8.md and ``benchmarks/tvm_int8.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from edgellm.errors import EdgeError
+
+
+def int8_rules() -> list:
+    """Schedule rules for the packed int8 dense: x86 AVX-512 VNNI and arm64 (sdot / NEON); each declines other targets."""
+    from .arm import arm_rules
+    from .x86 import PackedDenseX86
+
+    return [PackedDenseX86(), *arm_rules()]
+
+
+def _arm_isa(target) -> str:
+    from .arm import has_dotprod
+
+    return "sdot (dot-product extension)" if has_dotprod(target) else "NEON smull/sadalp (no dot-product extension)"
+
+
+def _is_transformer(mod) -> bool:
+    from tvm import relax
+
+    ops = set()
+
+    def visit(e):
+        if isinstance(e, relax.Call) and hasattr(e.op, "name"):
+            ops.add(e.op.name)
+
+    for _, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            relax.analysis.post_order_visit(f, visit)
+    return "relax.nn.softmax" in ops and "relax.matmul" in ops
+
+
+def quantize(mod, tvm_target, options: dict, input_names: list[str]):
+    """(int8 module, manifest info) for ``--quantize int8`` on an llvm target."""
+    import tvm
+
+    from edgellm.backends.tvm_cpu.relax_passes import layout_passes
+
+    from .compute import packing
+    from .embedding import quantize_embeddings
+    from .rewrite import activation_inputs, candidate, depthwise_after, rewrite
+
+    pk = packing(tvm_target)
+    if pk is None:
+        raise EdgeError(f"edgellm's TVM int8 needs AVX-512 VNNI (x86_64) or arm64; target {tvm_target.attrs.get('mcpu', '')} has neither",
+                        "build for --target x86_64-avx512 or arm64, or use --backend openvino for int8")
+    lanes, act_dtype = pk
+    transformer = _is_transformer(mod)  # before layout_passes (FastMath turns softmax into a call_tir)
+    with tvm_target:
+        mod = layout_passes(mod)
+    cands = activation_inputs(mod["main"])
+    chosen, left = [], collections.Counter()
+    for name, call in cands:
+        kind, w, why = candidate(call)
+        if w is None:
+            left[f"{kind}: {why}"] += 1
+        else:
+            chosen.append(name)
+    if not chosen:
+        raise EdgeError("no layer of this model can run in int8 with TVM (no 1x1 conv or matmul with constant weights)",
+                        "use --backend openvino for int8, or build fp32")
+    mode = options.get("int8_activations") or ("dynamic" if transformer else "static")
+    samples = options.get("calibration") or []
+    dw = []
+    if mode == "static":
+        from .calibrate import calibrate
+
+        # a depthwise conv after an int8 dense reads that dense's output as 8-bit codes (4x less memory
+        # traffic on MobileNet's expanded tensors), decoded to f32 while padding; its arithmetic stays f32
+        dw = depthwise_after(mod["main"], set(chosen)) if options.get("int8_depthwise_input", True) else []
+        # calibration runs the fp32 model here: compiled for this machine, whatever the target
+        from edgellm import targets
+        from edgellm.backends import tvm_pipelines
+
+        host = tvm.target.Target(targets.host().tvm)
+        ranges = calibrate(mod, chosen + dw, samples, input_names, host, tvm_pipelines.get("edgellm", host))
+        plan = {n: {"mode": "static", "lo": ranges[n][0], "hi": ranges[n][1]} for n in chosen}
+        plan.update({n: {"mode": "depthwise_8bit_input", "lo": ranges[n][0], "hi": ranges[n][1]} for n in dw})
+    else:
+        plan = {n: {"mode": "dynamic"} for n in chosen}
+    new, done = rewrite(mod, plan, lanes, act_dtype)
+    new, tables = quantize_embeddings(new)
+    isa = "avx512-vnni vpdpbusd" if lanes == 16 else "arm64 " + _arm_isa(tvm_target)
+    info = {
+        "mode": "int8", "method": "edgellm TVM int8 (Relax rewrite to packed int8 dense, post-training)",
+        "weights": "int8 symmetric, per output channel",
+        "activations": ("uint8" if act_dtype == "uint8" else "int8") + (
+            " per tensor, asymmetric, min/max calibrated" if mode == "static" else " per row, symmetric, scale computed at run time (dynamic)"),
+        "activation_mode": mode,
+        "compute": f"{act_dtype[0]}8 x s8 -> s32 ({isa}), dequantize + bias + activation fused in the epilogue",
+        "layers_int8": len([k for k in done if k not in dw]),
+        **({"depthwise_8bit_input": f"{len([k for k in done if k in dw])} of the depthwise convs read 8-bit activations "
+                                    "and int8 per-channel weights (decoded in the conv; f32 arithmetic)"} if dw else {}),
+        "layers_fp32": dict(left) | ({"not rewritten": len(chosen) + len(dw) - len(done)} if len(done) < len(chosen) + len(dw) else {}),
+        **({"embeddings": {"tables": tables, "how": "int8 per row, symmetric (weight-only; gathered rows dequantized)"}}
+           if tables else {}),
+        "calibration_samples": len(samples) if mode == "static" else 0,
+    }
+    return new, info

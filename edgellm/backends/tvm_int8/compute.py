@@ -1,0 +1,122 @@
+"""The int8 compute definitions edgellm's TVM int8 path emits (shared by the x86 and arm rules).
+
+Keep this form stable: the schedule rules (``x86.py``: AVX-512 VNNI ``vpdpbusd``;
+``arm.py``: NEON ``sdot``) match exactly this reduction.
+
+Packed dense, int32 accumulate::
+
+    C[m, n] (int32) = sum_k int32(A[m, k]) * int32(W[n // L, k // 4, n % L, k % 4])
+
+* ``A``: ``[M, K]`` activations, ``uint8`` on x86 (``vpdpbusd`` is u8 x s8) or ``int8`` on
+  arm64 (``sdot`` is s8 x s8); ``K`` is a multiple of 4 (the rewrite zero-pads).
+* ``W``: ``[N // L, K // 4, L, 4]`` int8 weights, pre-packed at compile time (a constant):
+  one register's worth (``L`` int32 lanes x 4 bytes) is 64 contiguous bytes on AVX-512
+  (L = 16) and 16 bytes on NEON (L = 4). ``N`` is a multiple of ``L`` (zero-padded).
+* ``C``: ``[M, N]`` int32.
+
+Everything around it (quantize the activation, zero-point correction, dequantize,
+bias, activation, requantize for the next layer) is ordinary Relax arithmetic that
+FuseOps fuses into the same PrimFunc as prologue-free epilogue (see ``rewrite.py``).
+
+``packing(target)`` says which (L, activation dtype) a target gets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: the PrimFunc attribute that marks the packed int8 dense for the schedule rules
+ATTR = "edgellm.int8_dense"
+
+
+def dense_int8_te(A, W, lanes: int, name: str = "dense_int8"):
+    """TE compute of the packed dense above (``A``: te placeholder [M, K]; ``W``: [N//L, K//4, L, 4])."""
+    from tvm import te
+
+    M, K = A.shape
+    NB, _, L, four = W.shape
+    assert int(L) == lanes and int(four) == 4
+    k = te.reduce_axis((0, K), name="k")
+    return te.compute(
+        (M, NB * L),
+        lambda m, n: te.sum(
+            A[m, k].astype("int32") * W[n // lanes, k // 4, n % lanes, k % 4].astype("int32"), axis=k),
+        name=name,
+    )
+
+
+def dense_int8_primfunc(M: int, K: int, N: int, lanes: int, act_dtype: str):
+    """A standalone PrimFunc (A, W) -> C of the packed dense, for kernels and tests."""
+    from tvm import te
+
+    A = te.placeholder((M, K), act_dtype, name="A")
+    W = te.placeholder((N // lanes, K // 4, lanes, 4), "int8", name="W")
+    C = dense_int8_te(A, W, lanes)
+    return te.create_prim_func([A, W, C]).with_attr(ATTR, True)
+
+
+def pack_weight(w_nk: np.ndarray, lanes: int) -> np.ndarray:
+    """int8 ``[N, K]`` (N, K already multiples of lanes / 4) -> ``[N // L, K // 4, L, 4]``."""
+    n, k = w_nk.shape
+    assert n % lanes == 0 and k % 4 == 0, (n, k, lanes)
+    return np.ascontiguousarray(w_nk.reshape(n // lanes, lanes, k // 4, 4).transpose(0, 2, 1, 3))
+
+
+def packing(target) -> tuple[int, str] | None:
+    """(L, activation dtype) for an llvm target, or None when edgellm has no int8 kernel for it.
+
+    x86_64 with AVX-512 VNNI: (16, "uint8") -> vpdpbusd.512. aarch64: (4, "int8") -> sdot (or
+    NEON smull/sadalp without the dot-product extension, arm.py). x86 without VNNI: None --
+    the AVX-512BW fallback (vpmaddubsw + vpmaddwd) adds u8 x s8 pairs in saturating int16
+    (255 * 127 * 2 > 32767), wrong for full-range activations; not offered.
+    """
+    from edgellm.backends.tvm_cpu.target_info import _attrs, vector_bits
+
+    _, _, mtriple = _attrs(target)
+    if mtriple.startswith(("aarch64", "arm64")):
+        return 4, "int8"
+    if vector_bits(target) == 512 and has_vnni(target):
+        return 16, "uint8"
+    return None
+
+
+def has_vnni(target) -> bool:
+    from edgellm.backends.tvm_cpu.target_info import _attrs
+
+    mcpu, mattr, _ = _attrs(target)
+    if "-avx512vnni" in mattr:
+        return False
+    return "+avx512vnni" in mattr or mcpu in (
+        "cascadelake", "cooperlake", "icelake", "icelake-client", "icelake-server", "tigerlake",
+        "rocketlake", "sapphirerapids", "graniterapids", "emeraldrapids", "znver4", "znver5")
+
+
+def depthwise_dq_te(Q, W, strides, padding, scale: float, zero_point: int, name: str = "depthwise_conv2d_nhwc"):
+    """NHWC depthwise conv reading 8-bit codes: ``pad_temp`` decodes ``(q - zp) * scale`` to f32
+    (0 in the border), then the usual f32 multiply-accumulate with ``W [kh, kw, 1, C]`` (f32, or
+    int8 codes converted in the loop; then the per-channel weight scale goes in the epilogue).
+
+    The same two blocks as Relax's legalized depthwise conv (pad + reduction), so the fp32
+    depthwise schedule rule takes it; the activations cross memory as 8 bits, not 32."""
+    from tvm import te, tirx
+
+    B, H, Wd, C = (int(d) for d in Q.shape)
+    KH, KW = int(W.shape[0]), int(W.shape[1])
+    pt, pl, pb, pr = padding
+    sh, sw = strides
+    Hp, Wp = H + pt + pb, Wd + pl + pr
+    pad = te.compute(
+        (B, Hp, Wp, C),
+        lambda b, h, w, c: tirx.if_then_else(
+            tirx.all(h >= pt, h < H + pt, w >= pl, w < Wd + pl),
+            (Q[b, h - pt, w - pl, c].astype("float32") - float(zero_point)) * float(scale),
+            tirx.const(0.0, "float32")),
+        name="pad_temp")
+    OH, OW = (Hp - KH) // sh + 1, (Wp - KW) // sw + 1
+    rh = te.reduce_axis((0, KH), name="rh")
+    rw = te.reduce_axis((0, KW), name="rw")
+    return te.compute(
+        (B, OH, OW, C),
+        lambda b, h, w, c: te.sum(pad[b, h * sh + rh, w * sw + rw, c] * W[rh, rw, 0, c].astype("float32"), axis=[rh, rw]),
+        name=name)
+

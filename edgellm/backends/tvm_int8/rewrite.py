@@ -1,0 +1,423 @@
+"""Relax rewrite: conv2d 1x1 (NHWC) / matmul with constant weights -> packed int8 dense.
+
+Runs on the fp32 module after edgellm's layout passes (BN folded, NHWC/HWIO convs, weights
+constants). Each candidate ``y = op(x, W)`` becomes::
+
+    q   = reshape(quantize(x), [M, K])                  # uint8 (x86) / int8 (arm)
+    acc = call_tir(dense_int8, q, W_packed)             # int32, compute.py
+    y   = reshape(float(acc[:, :N]) * s_x * s_w[n] - zp * colsum(Wq)[n] * s_x * s_w[n], shape(y))
+
+``quantize`` is ``static`` (per-tensor scale / zero point from calibration: asymmetric over
+the observed [min, max], so ReLU outputs use all 256 codes) or ``dynamic`` (per row, at
+run time: ``s = max|x_row| / 127``, symmetric, code offset 128 on uint8). Weights are int8,
+symmetric per output channel (``s_w[n] = max|W[n, :]| / 127``), packed at compile time.
+The dequantize / bias / activation / next layer's quantize are elementwise and FuseOps
+fuses them into the dense's PrimFunc.
+
+A depthwise conv (NHWC) fed, through bias / ReLU only, by an int8 dense (MobileNet's expand
+conv, DS-CNN's pointwise conv) reads that dense's output as 8-bit codes, quantized in the
+dense's epilogue (static scale from calibration): ``compute.depthwise_dq_te`` decodes them
+while padding and multiplies with int8 per-channel weights converted in the loop; the
+arithmetic is f32 (no 4-byte groups to reduce over for a dot-product instruction), the gain
+is memory traffic on the expanded tensors (MobileNet-V2: ~17% of the int8 model's time) and
+0.19 MB of weights.
+
+Reshapes: the dense works on [M, K]; ``sink_reshapes`` moves the reshape back to N-D below
+the elementwise epilogue, so FuseOps keeps the epilogue (and the next layer's quantize) in
+the dense's PrimFunc.
+
+Left fp32 (and said so in the report): depthwise convs not fed by an int8 dense, grouped
+convs, convs that are not 1x1 stride 1 unpadded (e.g. the first layer, where Cin is 1 or
+3), layers with K % 4 != 0, activation x activation matmuls (attention).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .compute import dense_int8_te, depthwise_dq_te, pack_weight
+
+_CONST = tuple(c for c in (getattr(tvm.ir, "GenericConst", None), getattr(relax, "Constant", None)) if c is not None)
+
+
+def _const_np(expr):
+    data = getattr(expr, "data", None)
+    if data is None:
+        data = expr.value
+    return data.numpy()
+
+
+def _shape(expr):
+    ty = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        return [int(d) for d in ty.shape]
+    except (TypeError, ValueError):
+        return None
+
+
+def _dtype(expr):
+    ty = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
+    return getattr(ty, "dtype", None)
+
+
+def candidate(call) -> tuple[str, np.ndarray | None, str]:
+    """(kind, W as float [N, K], why-not) for a call; W None when the op stays fp32."""
+    if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
+        return "", None, ""
+    name = call.op.name
+    if name not in ("relax.nn.conv2d", "relax.matmul"):
+        return "", None, ""
+    x, w = call.args[0], call.args[1]
+    if name == "relax.matmul":
+        if not isinstance(w, _CONST):
+            return "matmul", None, "activation x activation (attention)"
+        wt = _const_np(w)
+        xs = _shape(x)
+        if wt.ndim != 2 or xs is None or _dtype(x) != "float32" or wt.dtype != np.float32:
+            return "matmul", None, "not a 2-D float32 weight"
+        if wt.shape[0] % 4:
+            return "matmul", None, f"K={wt.shape[0]} not a multiple of 4"
+        return "matmul", np.ascontiguousarray(wt.T), ""
+    a = call.attrs
+    if not isinstance(w, _CONST):
+        return "conv2d", None, "weights not constant"
+    if str(a.data_layout) != "NHWC" or str(a.kernel_layout) != "HWIO":
+        return "conv2d", None, "not NHWC/HWIO"
+    wt = _const_np(w)
+    kh, kw, cin, cout = wt.shape
+    if int(a.groups) != 1:
+        return "conv2d", None, "depthwise" if int(a.groups) == cout else "grouped"
+    if (kh, kw) != (1, 1) or any(int(s) != 1 for s in a.strides) or any(int(p) != 0 for p in a.padding):
+        return "conv2d", None, f"{kh}x{kw} conv (only 1x1 stride-1 convs are int8 dense)"
+    if cin % 4:
+        return "conv2d", None, f"Cin={cin} not a multiple of 4"
+    if _dtype(x) != "float32" or _shape(x) is None:
+        return "conv2d", None, "input not static float32"
+    return "conv2d", np.ascontiguousarray(wt[0, 0].T), ""
+
+
+_ELEMENTWISE = ("relax.add", "relax.subtract", "relax.multiply", "relax.maximum", "relax.minimum", "relax.nn.relu",
+                "relax.clip", "relax.divide")
+
+
+def depthwise_after(func: relax.Function, keys_int8: set[str]) -> list[str]:
+    """Keys of the NHWC depthwise convs whose input comes, through elementwise ops only (bias,
+    ReLU / ReLU6), from one of the int8 dense bindings ``keys_int8``."""
+    values, keys = {}, binding_keys(func)
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if isinstance(b, relax.VarBinding):
+                values[b.var] = b.value
+    out = []
+    for var, value in values.items():
+        kind, _, why = candidate(value)
+        if kind != "conv2d" or why != "depthwise" or str(value.attrs.data_layout) != "NHWC" \
+                or str(value.attrs.kernel_layout) != "HWIO" or _dtype(value.args[0]) != "float32":
+            continue
+        x = value.args[0]
+        for _ in range(16):
+            if not isinstance(x, relax.Var) or x not in values:
+                break
+            if keys.get(x) in keys_int8:
+                out.append(keys[var])
+                break
+            v = values[x]
+            if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name in _ELEMENTWISE):
+                break
+            x = next((a for a in v.args if isinstance(a, relax.Var)), None)
+    return out
+
+
+def binding_keys(func: relax.Function) -> dict:
+    """{binding var: "index:name"}: the key of each binding of ``func`` (names alone repeat)."""
+    keys, i = {}, 0
+    for block in func.body.blocks:
+        for b in block.bindings:
+            keys[b.var] = f"{i}:{b.var.name}"
+            i += 1
+    return keys
+
+
+def activation_inputs(func: relax.Function):
+    """Bindings in order -> list of (binding key, call) for every conv2d / matmul."""
+    keys = binding_keys(func)
+    out = []
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if isinstance(b, relax.VarBinding) and isinstance(b.value, relax.Call):
+                kind, _, _ = candidate(b.value)
+                if kind:
+                    out.append((keys[b.var], b.value))
+    return out
+
+
+def quantize_weight(w_nk: np.ndarray):
+    """int8 [N, K], per-channel scale [N] (symmetric, 127)."""
+    absmax = np.abs(w_nk).max(axis=1)
+    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.round(w_nk / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def act_params(lo: float, hi: float, act_dtype: str):
+    """(scale, zero point) mapping [lo, hi] (widened to include 0) onto the dtype's codes."""
+    qmin, qmax = (0, 255) if act_dtype == "uint8" else (-128, 127)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
+    zp = int(np.clip(round(qmin - lo / scale), qmin, qmax))
+    return float(scale), zp
+
+
+@relax.expr_functor.mutator
+class _Int8Rewriter(relax.PyExprMutator):
+    def _depthwise(self, call, spec):
+        """depthwise conv(x) -> depthwise_dq(quantize(x)): the int8 dense before it writes 8-bit codes
+        (quantize fuses into its epilogue), the conv decodes them while padding (compute.depthwise_dq_te)."""
+        a = call.attrs
+        if any(int(d) != 1 for d in a.dilation):
+            return None
+        bb, dt, f32 = self.builder_, self.act_dtype, "float32"
+        sx, zp = act_params(spec["lo"], spec["hi"], dt)
+        qmin, qmax = (0.0, 255.0) if dt == "uint8" else (-128.0, 127.0)
+        t = relax.op.round(relax.op.multiply(call.args[0], relax.const(1.0 / sx, f32)))
+        if zp:
+            t = relax.op.add(t, relax.const(float(zp), f32))
+        t = relax.op.minimum(relax.op.maximum(t, relax.const(qmin, f32)), relax.const(qmax, f32))
+        q = bb.emit(relax.op.astype(t, dt))
+        w = _const_np(call.args[1])  # [kh, kw, 1, C]: int8 per channel, its scale (times the input's) after the sum
+        absmax = np.abs(w).max(axis=(0, 1, 2))
+        sw = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+        wq = np.clip(np.round(w / sw), -127, 127).astype(np.int8)
+        y = bb.emit(bb.call_te(depthwise_dq_te, q, relax.const(wq), [int(v) for v in a.strides],
+                               [int(v) for v in a.padding], 1.0, zp, primfunc_name_hint="depthwise_conv2d_u8"))
+        return relax.op.multiply(y, relax.const((sw * sx).astype(np.float32)))
+
+    def __init__(self, mod, plan, lanes, act_dtype):
+        super().__init__(mod)
+        # binding key ("index:name") -> {"mode": "static" | "depthwise_8bit_input", "lo", "hi"} | {"mode": "dynamic"}
+        self.plan = plan
+        self.lanes = lanes
+        self.act_dtype = act_dtype
+        self.done = []
+        self.keys = {}
+
+    def visit_var_binding_(self, binding):
+        key = self.keys.get(binding.var)
+        if key in self.plan and isinstance(binding.value, relax.Call):
+            new_value = self._rewrite(self.visit_expr(binding.value), self.plan[key])
+            if new_value is not None:
+                emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+                self.set_var_remap(binding.var, emit(new_value, name_hint=binding.var.name))
+                self.done.append(key)
+                return
+        super().visit_var_binding_(binding)
+
+    def _rewrite(self, call, spec):
+        if spec["mode"] == "depthwise_8bit_input":
+            return self._depthwise(call, spec)
+        _, w_nk, _ = candidate(call)
+        if w_nk is None:
+            return None
+        bb, lanes, dt = self.builder_, self.lanes, self.act_dtype
+        x = call.args[0]
+        out_shape = _shape(call)
+        n, k = w_nk.shape
+        m = int(np.prod(out_shape[:-1]))
+        wq, sw = quantize_weight(w_nk)
+        n_pad = -n % lanes
+        wq_p = np.pad(wq, ((0, n_pad), (0, 0)))
+        colsum = wq.astype(np.int64).sum(axis=1)
+        x2 = x  # quantized in its own N-D shape (so it fuses into its producer), then viewed as [M, K]
+        f32 = "float32"
+        qmin, qmax = (0.0, 255.0) if dt == "uint8" else (-128.0, 127.0)
+        if spec["mode"] == "static":
+            sx, zp = act_params(spec["lo"], spec["hi"], dt)
+            t = relax.op.round(relax.op.multiply(x2, relax.const(1.0 / sx, f32)))
+            if zp:
+                t = relax.op.add(t, relax.const(float(zp), f32))
+            t = relax.op.minimum(relax.op.maximum(t, relax.const(qmin, f32)), relax.const(qmax, f32))
+            q = bb.emit(relax.op.astype(t, dt))
+            row_scale = None
+            col_scale = (sw * sx).astype(np.float32)
+        else:  # dynamic: per-row symmetric, offset 128 on uint8
+            zp = 128 if dt == "uint8" else 0
+            amax = bb.emit(relax.op.max(relax.op.abs(x2), axis=-1, keepdims=True))
+            row_scale = bb.emit(relax.op.multiply(relax.op.maximum(amax, relax.const(1e-8, f32)), relax.const(1.0 / 127.0, f32)))
+            t = relax.op.round(relax.op.divide(x2, row_scale))
+            if zp:
+                t = relax.op.add(t, relax.const(float(zp), f32))
+            q = bb.emit(relax.op.astype(t, dt))
+            row_scale = bb.emit(relax.op.reshape(row_scale, [m, 1]))
+            col_scale = sw
+        q = bb.emit(relax.op.reshape(q, [m, k]))
+        acc = bb.emit(bb.call_te(dense_int8_te, q, relax.const(pack_weight(wq_p, lanes)), lanes, primfunc_name_hint="dense_int8"))
+        if n_pad:
+            acc = bb.emit(relax.op.strided_slice(acc, axes=[1], begin=[0], end=[n]))
+        y = relax.op.astype(acc, f32)
+        if row_scale is None:  # static: acc * s[n] + (-zp * colsum[n] * s[n]); the offset later merges with the bias
+            y = relax.op.multiply(y, relax.const(col_scale.astype(np.float32)))
+            if zp:
+                y = relax.op.add(y, relax.const((-zp * colsum * col_scale).astype(np.float32)))
+        else:
+            if zp:
+                y = relax.op.subtract(y, relax.const((zp * colsum).astype(np.float32)))
+            y = relax.op.multiply(relax.op.multiply(y, relax.const(col_scale.astype(np.float32))), row_scale)
+        return relax.op.reshape(bb.emit(y), out_shape)
+
+
+def rewrite(mod, plan: dict, lanes: int, act_dtype: str):
+    """(new module, keys rewritten): ``plan`` maps binding keys (``binding_keys``) of candidate calls
+    in ``main`` to their activation quantization (see ``_Int8Rewriter``)."""
+    rw = _Int8Rewriter(mod, plan, lanes, act_dtype)
+    gv = mod.get_global_var("main")
+    rw.keys = binding_keys(mod[gv])
+    rw.builder_.update_func(gv, rw.visit_expr(mod[gv]))
+    out = rw.builder_.get()
+    out = relax.transform.DeadCodeElimination()(out)
+    return sink_reshapes(out), rw.done
+
+
+# ------------------------------------------------------------------ reshape sinking
+# The int8 dense works on [M, K] -> [M, N]; the model around it is N-D (NHWC). A reshape
+# right after the dense would end its fused function (FuseOps fuses only elementwise /
+# broadcast ops into a reduction's epilogue, a reshape is "injective"), leaving dequantize,
+# bias, activation and the next layer's quantize in separate kernels. So reshapes are
+# moved down past elementwise ops whose other operand is a scalar / per-last-axis constant
+# (or the same reshape of a same-shaped tensor), and reshape(reshape(a)) collapses: the
+# whole epilogue stays 2-D and fuses; the reshape lands where an op needs N-D (a
+# depthwise conv), where it is a free view.
+
+_BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum")
+_UNARY = ("relax.nn.relu", "relax.round", "relax.astype", "relax.abs", "relax.clip", "relax.sigmoid", "relax.tanh")
+
+
+def _last_axis_const(c, n: int):
+    """c as a scalar or [n] constant when it broadcasts only along the last axis, else None."""
+    if not isinstance(c, _CONST):
+        return None
+    a = _const_np(c)
+    if a.ndim == 0 or a.size == 1:
+        return relax.const(a.reshape(()), str(a.dtype))
+    if a.shape[-1] == n and a.size == n:
+        return relax.const(np.ascontiguousarray(a.reshape(n)), str(a.dtype))
+    return None
+
+
+def _is_reshape(e):
+    return isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.reshape"
+
+
+@relax.expr_functor.mutator
+class _SinkReshape(relax.PyExprMutator):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.changed = 0
+        self.bound = {}  # var -> its (rewritten) value, to look through bindings
+
+    def _value(self, e):
+        return self.bound.get(e, e) if isinstance(e, relax.Var) else e
+
+    def visit_var_binding_(self, binding):
+        value = self.visit_expr(binding.value)
+        new = self._sink(value)
+        if new is not None:
+            self.changed += 1
+            value = new
+        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+        v = emit(value, name_hint=binding.var.name)
+        self.bound[v] = value
+        self.set_var_remap(binding.var, v)
+
+    def _merge_adds(self, call):
+        x, c2 = call.args
+        if not isinstance(c2, _CONST):
+            return None
+        inner = self._value(x)
+        if not (isinstance(inner, relax.Call) and isinstance(inner.op, tvm.ir.Op) and inner.op.name == "relax.add"):
+            return None
+        a, c1 = inner.args
+        if not isinstance(c1, _CONST) or _shape(a) != _shape(call):
+            return None
+        v1, v2 = _const_np(c1), _const_np(c2)
+        if v1.dtype != v2.dtype:
+            return None
+        try:
+            total = v1 + v2
+            if np.broadcast_shapes(total.shape, tuple(_shape(call))) != tuple(_shape(call)):
+                return None
+        except ValueError:
+            return None
+        return relax.op.add(a, relax.const(np.ascontiguousarray(total)))
+
+    def _src(self, e):
+        """(a, target shape) if e is (a var bound to) reshape(a, S) keeping the last axis."""
+        r = self._value(e)
+        if not _is_reshape(r):
+            return None
+        a = r.args[0]
+        sa, so = _shape(a), _shape(r)
+        if sa is None or so is None or not sa or not so or sa[-1] != so[-1]:
+            return None
+        return a, so
+
+    def _sink(self, call):
+        if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
+            return None
+        name = call.op.name
+        bb = self.builder_
+        if name == "relax.reshape":
+            inner = self._value(call.args[0])
+            if _is_reshape(inner):
+                a = inner.args[0]
+                if _shape(a) == _shape(call):
+                    return a  # an alias binding; CanonicalizeBindings removes it
+                return relax.op.reshape(a, _shape(call))
+            if _shape(call.args[0]) == _shape(call):
+                return call.args[0]
+            return None
+        if name in _UNARY:
+            s = self._src(call.args[0])
+            if s is None:
+                return None
+            a, shape = s
+            inner = bb.emit(relax.Call(call.op, [a] + list(call.args[1:]), call.attrs))
+            return relax.op.reshape(inner, shape)
+        if name == "relax.add":  # add(add(a, c1), c2) -> add(a, c1 + c2): one per-channel constant, not two
+            merged = self._merge_adds(call)
+            if merged is not None:
+                return merged
+        if name in _BINARY:
+            x, y = call.args
+            sx, sy = self._src(x), self._src(y)
+            if sx is not None and sy is not None and _shape(sx[0]) == _shape(sy[0]) and sx[1] == sy[1]:
+                inner = bb.emit(relax.Call(call.op, [sx[0], sy[0]], call.attrs))
+                return relax.op.reshape(inner, sx[1])
+            for s, other, first in ((sx, y, True), (sy, x, False)):
+                if s is None:
+                    continue
+                a, shape = s
+                c = _last_axis_const(other, shape[-1])
+                if c is None or _shape(call) != shape:
+                    continue
+                inner = bb.emit(relax.Call(call.op, [a, c] if first else [c, a], call.attrs))
+                return relax.op.reshape(inner, shape)
+        return None
+
+
+def sink_reshapes(mod, rounds: int = 8):
+    for _ in range(rounds):
+        sk = _SinkReshape(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                sk.builder_.update_func(gv, sk.visit_expr(func))
+        mod = sk.builder_.get()
+        mod = relax.transform.CanonicalizeBindings()(mod)
+        mod = relax.transform.DeadCodeElimination()(mod)
+        if not sk.changed:
+            break
+    return mod
+
