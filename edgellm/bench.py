@@ -110,7 +110,7 @@ def _interleaved(runners: dict, feed: dict, runs: int, warmup: int, rounds: int 
 
 
 def bench_one(ref: str, threads: int, runs: int, warmup: int, build_dir: Path, progress=None,
-              quantize: str | None = None, calib: str = "random") -> dict:
+              quantize: str | None = None, calib: str = "random", tune: int | None = None, tune_budget: float | None = None) -> dict:
     from edgellm import runtime
     from edgellm import source as sources
     from edgellm.errors import EdgeError
@@ -125,18 +125,20 @@ def bench_one(ref: str, threads: int, runs: int, warmup: int, build_dir: Path, p
         from edgellm.compress.calibration import load_samples, split
 
         int8_samples = split(load_samples(calib, traced.inputs), None)[0]  # what edgellm calibrates on, too
-    variants = [(b, None) for b in host.backends] + ([(b, quantize) for b in host.backends] if quantize else [])
+    variants = [(f"edgellm-{b}", {"backend": b}) for b in host.backends]
+    if tune and "tvm" in host.backends:  # MetaSchedule, kept only where it beats edgellm's rules
+        variants.append(("edgellm-tvm-tuned", {"backend": "tvm", "tune": tune, "tune_budget": tune_budget}))
+    if quantize:
+        variants += [(f"edgellm-{b}-{quantize}", {"backend": b, "quantize": quantize, "calib": calib}) for b in host.backends]
     skipped = {}
     with tempfile.TemporaryDirectory(prefix="edgellm-bench-") as tmp:
         say(f"{src.name}: setting up the peers")
         runners = _peers(src, traced, threads, Path(tmp), int8_samples)
         sizes = {}
-        for backend, q in variants:
-            name = f"edgellm-{backend}" + (f"-{q}" if q else "")
+        for name, options in variants:
             say(f"{src.name}: building {name}")
             try:
-                pkg = api.build(ref, host, build_dir / f"{src.name}-{name}.edgepkg", backend=backend,
-                                **({"quantize": q, "calib": calib} if q else {})).path
+                pkg = api.build(ref, host, build_dir / f"{src.name}-{name}.edgepkg", **options).path
             except EdgeError as e:
                 skipped[name] = str(e)
                 continue
@@ -162,11 +164,12 @@ def bench_one(ref: str, threads: int, runs: int, warmup: int, build_dir: Path, p
 
 
 def bench(refs: list[str], threads: int = 2, runs: int = 50, warmup: int = 5, build_dir: str | Path | None = None, progress=None,
-          quantize: str | None = None, calib: str = "random") -> dict:
-    """With ``quantize``, also ONNX Runtime's static int8 as a peer and edgellm's int8 packages, calibrated alike."""
+          quantize: str | None = None, calib: str = "random", tune: int | None = None, tune_budget: float | None = None) -> dict:
+    """With ``quantize``, also ONNX Runtime's static int8 as a peer and edgellm's int8 packages, calibrated alike;
+    with ``tune``, also a TVM package tuned with that many MetaSchedule trials."""
     build_dir = Path(build_dir or tempfile.mkdtemp(prefix="edgellm-bench-pkgs-"))
     build_dir.mkdir(parents=True, exist_ok=True)
-    results = [bench_one(ref, threads, runs, warmup, build_dir, progress, quantize, calib) for ref in refs]
+    results = [bench_one(ref, threads, runs, warmup, build_dir, progress, quantize, calib, tune, tune_budget) for ref in refs]
     return {"schema": SCHEMA, "threads": threads, "runs": runs, "warmup": warmup, "quantize": quantize, "calib": calib,
             "device": device.describe(), "models": results}
 

@@ -303,14 +303,16 @@ def bundle_runtime(target, output, python_version, as_json):
 @click.option("--html", type=click.Path(dir_okay=False), help="also write a page with a bar chart")
 @click.option("--quantize", type=click.Choice(["int8", "int8-weights"]), help="also int8: edgellm's int8 packages and ONNX Runtime int8")
 @click.option("--calib", default="random", show_default=True, metavar="PATH|random", help="calibration samples for --quantize")
+@click.option("--tune", type=click.IntRange(min=1), metavar="N", help="also a TVM package tuned with N MetaSchedule trials (edgellm-tvm-tuned)")
+@click.option("--tune-budget", type=float, metavar="SECONDS", help="with --tune: start no new tuning task after this long")
 @friendly
-def bench(sources, runs, warmup, threads, as_json, html, quantize, calib):
+def bench(sources, runs, warmup, threads, as_json, html, quantize, calib, tune, tune_budget):
     """Time SOURCES (zoo:NAME, file.py:fn, model.onnx) with edgellm against PyTorch, ONNX Runtime and OpenVINO."""
     from edgellm.bench import bench as run_bench, format_table, write_html
 
     console = _console()
     report = run_bench(list(sources), threads, runs, warmup, Path("build") / "bench", progress=None if as_json else lambda m: console.print(f"  {m}"),
-                       quantize=quantize, calib=calib)
+                       quantize=quantize, calib=calib, tune=tune, tune_budget=tune_budget)
     _emit(report, as_json, lambda r: click.echo(format_table(r)))
     if html:
         write_html(report, html)

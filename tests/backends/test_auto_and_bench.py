@@ -61,3 +61,14 @@ def test_bench_int8_adds_onnxruntime_int8_and_edgellm_int8(tmp_path):
     for backend in ("openvino", "tvm"):
         assert model["engines"][f"edgellm-{backend}-int8"]["cosine"] > 0.99
     assert model["engines"]["edgellm-openvino-int8"]["package_bytes"] < model["engines"]["edgellm-openvino"]["package_bytes"]
+
+
+@pytest.mark.slow
+def test_bench_tune_adds_a_tuned_tvm_package_that_matches_fp32(tmp_path, monkeypatch):
+    from edgellm.bench import bench
+
+    monkeypatch.setenv("EDGELLM_TUNING_DIR", str(tmp_path / "tuning"))  # a fresh tuning database, not the user's
+    report = bench(["zoo:kws-cnn"], threads=1, runs=3, warmup=1, build_dir=tmp_path, tune=4, tune_budget=60)
+    engines = report["models"][0]["engines"]
+    assert {"edgellm-tvm", "edgellm-tvm-tuned"} <= set(engines)
+    assert engines["edgellm-tvm-tuned"]["rel_max_abs"] <= 1e-4 and engines["edgellm-tvm-tuned"]["p50_ms"] > 0
