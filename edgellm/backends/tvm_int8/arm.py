@@ -8,7 +8,7 @@ Matches a PrimFunc with exactly one reduction block ::
 consumers (activation quantize, zero-point correction, dequantize, bias, relu, requantize:
 what FuseOps/FuseTIR put in the same PrimFunc), on an aarch64 llvm target only.
 
-Schedule: parallel(row tiles x column tiles) -> k / 4 -> ``mr`` rows (unrolled) -> ``nv``
+Schedule (``schedule.py``, shared with x86): parallel(row tiles x column tiles) -> k / 4 -> ``mr`` rows (unrolled) -> ``nv``
 column vectors of 4 int32 (unrolled) -> [4 lanes x 4 bytes] tensorized.  One tensorized
 step multiplies 4 consecutive int8 of a row of ``A`` (broadcast to every 32-bit lane) with
 a 16-byte 4x4 weight tile (4 output channels x 4 k, contiguous thanks to the packing) and
@@ -33,16 +33,10 @@ from __future__ import annotations
 from tvm import ir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from edgellm.backends.tvm_cpu._common import (
-    NotApplicable,
-    SafeRule,
-    func_output_buffers,
-    is_spatial_block,
-    root_blocks,
-    schedule_injective,
-    static_extent,
-)
+from edgellm.backends.tvm_cpu._common import NotApplicable, SafeRule
 from edgellm.backends.tvm_cpu.target_info import _attrs
+
+from .schedule import schedule_packed_dense
 
 #: int32 lanes of a NEON register = output channels per weight tile
 LANES = 4
@@ -224,105 +218,6 @@ def match_packed_dense(sch):
     return main
 
 
-def _try(primitive, *args) -> bool:
-    """Apply a schedule primitive that may legitimately fail (an epilogue that cannot be inlined)."""
-    try:
-        primitive(*args)
-        return True
-    except Exception:  # noqa: BLE001 -- TVM raises a plain TVMError subclass per primitive
-        return False
-
-
-def choose_tile(m: int, n_vectors: int, max_acc: int, max_mr: int = 8, max_nv: int = 4):
-    """(mr, nv): rows and 4-lane column vectors per register tile, mr | M and nv | N/4, with at
-    most ``max_acc`` int32x4 accumulators.  The most accumulators win (independent dot-product
-    chains), then the squarest tile: each k step loads mr activation broadcasts + nv weight tiles."""
-    best = None
-    for nv in range(min(max_nv, n_vectors), 0, -1):
-        if n_vectors % nv:
-            continue
-        for mr in range(min(max_mr, m), 0, -1):
-            if m % mr or mr * nv > max_acc:
-                continue
-            key = (mr * nv, -abs(mr - nv))
-            if best is None or key > best[0]:
-                best = (key, mr, nv)
-    return best[1], best[2]
-
-
-def schedule_packed_dense(sch, main, target):
-    """Register-tiled schedule of the matched dense, inner 4x4 tensorized for ``target``."""
-    dot = has_dotprod(target)
-    intrin = intrin_name(target)
-    block = main.block_rv
-    loops = [i.loop_rv for i in main.iters]
-    lm, ln, lk = loops if len(loops) == 3 else [None, *loops]
-    if len(sch.get_loops(block)) != len(loops):
-        raise NotApplicable("expected exactly the loops (m,) n, k")
-    M = static_extent(sch, lm) if lm is not None else 1
-    N, K = static_extent(sch, ln), static_extent(sch, lk)
-    max_acc = MAX_ACC_SDOT if dot else MAX_ACC_NEON
-    # one output row (GEMV-like, e.g. a classifier FC): more column vectors per tile, so that
-    # enough independent accumulators hide the dot-product latency
-    mr, nv = choose_tile(M, N // LANES, max_acc, max_nv=8 if M == 1 else 4)
-
-    outputs = func_output_buffers(sch.mod["main"])
-    blocks = root_blocks(sch)
-    names = [sch.get(b).name_hint for b in blocks]
-    pos = names.index(sch.get(block).name_hint)
-    producers, consumers = blocks[:pos], blocks[pos + 1:]
-    for b in producers + consumers:
-        if not is_spatial_block(sch, b):
-            raise NotApplicable("more than one reduction block")
-    # 1. intermediate epilogue blocks inlined into their consumers
-    remaining = [b for b in consumers
-                 if not (sch.get(b).writes and sch.get(b).writes[0].source not in outputs
-                         and _try(sch.compute_inline, b))]
-
-    # 2. tile: parallel tiles -> k/4 -> mr -> nv -> [4 n x 4 k]
-    mo, mi = sch.split(lm, factors=[None, mr]) if lm is not None else (None, None)
-    no, ni = sch.split(ln, factors=[None, LANES])
-    nvo, nvi = sch.split(no, factors=[None, nv])
-    ko, ki = sch.split(lk, factors=[None, 4])
-    # weights larger than the activations: column panels outermost, so a panel stays in cache
-    # while the row tiles stream past it
-    if mo is None:
-        tiles = [nvo]
-    else:
-        tiles = [nvo, mo] if N * K > M * K and N // (LANES * nv) > 1 else [mo, nvo]
-    sch.reorder(*tiles, ko, *([mi] if mi is not None else []), nvi, ni, ki)
-
-    # 3. accumulator tile in registers; epilogue on the vectorized write-back
-    wb = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(wb, tiles[-1], preserve_unit_loops=True)
-    leftover = [b for b in remaining if not _try(sch.reverse_compute_inline, b)]
-    wb_loops = sch.get_loops(wb)[len(tiles):]
-    if wb_loops:
-        ext = static_extent(sch, wb_loops[-1])
-        if ext % LANES == 0 and ext > LANES:
-            _, wv = sch.split(wb_loops[-1], factors=[None, LANES])
-            sch.vectorize(wv)
-        elif ext == LANES:
-            sch.vectorize(wb_loops[-1])
-
-    # 4. annotations and parallel before decompose_reduction (0.27), tensorize last
-    if mr > 1:
-        sch.unroll(mi)
-    if nv > 1:
-        sch.unroll(nvi)
-    par = sch.fuse(*tiles) if len(tiles) > 1 else tiles[0]
-    if static_extent(sch, par) > 1:  # a one-tile dense: no parallel region to launch
-        sch.parallel(par)
-    init = sch.decompose_reduction(block, ko)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ni, intrin)
-
-    # 5. producers (activation quantize, padding) and unmergeable consumers: own parallel loops
-    for b in producers + leftover:
-        schedule_injective(sch, b, LANES)
-    return sch
-
-
 class PackedDenseArm(SafeRule):
     """s8 x s8 -> s32 packed dense on aarch64: ``sdot`` with +dotprod, smull/saddlp otherwise."""
 
@@ -330,7 +225,10 @@ class PackedDenseArm(SafeRule):
         if not is_aarch64(target):
             raise NotApplicable("not an aarch64 target")
         main = match_packed_dense(sch)
-        return schedule_packed_dense(sch, main, target)
+        max_acc = MAX_ACC_SDOT if has_dotprod(target) else MAX_ACC_NEON
+        # one output row (GEMV-like, e.g. a classifier FC): more column vectors per tile, so that
+        # enough independent accumulators hide the dot-product latency
+        return schedule_packed_dense(sch, main, LANES, intrin_name(target), max_acc, max_nv_gemv=8, square=True)
 
 
 def arm_rules() -> list:

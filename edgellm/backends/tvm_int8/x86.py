@@ -26,17 +26,10 @@ import os
 
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from edgellm.backends.tvm_cpu._common import (
-    NotApplicable,
-    SafeRule,
-    func_output_buffers,
-    is_spatial_block,
-    root_blocks,
-    schedule_injective,
-    static_extent,
-)
+from edgellm.backends.tvm_cpu._common import NotApplicable, SafeRule
 
 from .compute import has_vnni, packing
+from .schedule import schedule_packed_dense
 
 LANES = 16
 #: rows x column-vectors of int32 accumulators kept in zmm registers (32 architectural)
@@ -136,104 +129,6 @@ def match_packed_dense(sch, lanes: int, act_dtypes: tuple[str, ...]):
     return infos, main
 
 
-def choose_tile(m: int, n_vectors: int, max_acc: int = MAX_ACC, max_mr: int = 8, max_nv: int = 4):
-    """(mr, nv): rows and 16-lane column vectors per register tile (mr | M, nv | N/16)."""
-    best = None
-    for nv in range(min(max_nv, n_vectors), 0, -1):
-        if n_vectors % nv:
-            continue
-        for mr in range(min(max_mr, m), 0, -1):
-            if m % mr or mr * nv > max_acc:
-                continue
-            key = (mr * nv, nv)
-            if best is None or key > best[0]:
-                best = (key, mr, nv)
-    return best[1], best[2]
-
-
-def schedule_packed_dense(sch, func, target, main, lanes: int, intrin: str, max_acc: int = MAX_ACC):
-    """Register-tiled, tensorized schedule of the packed dense (shared by x86 and, with its
-    own lanes / intrinsic, usable by other ISAs)."""
-    block = main.block_rv
-    loops = sch.get_loops(block)
-    if len(loops) == 2:  # M == 1
-        lm, (ln, lk) = None, loops
-        M = 1
-    elif len(loops) == 3:
-        lm, ln, lk = loops
-        M = static_extent(sch, lm)
-    else:
-        raise NotApplicable("expected loops m, n, k")
-    N, K = static_extent(sch, ln), static_extent(sch, lk)
-    if N % lanes or K % 4:
-        raise NotApplicable("N or K not padded")
-    mr, nv = choose_tile(M, N // lanes, max_acc)
-
-    outputs = func_output_buffers(sch.mod["main"])
-    blocks = root_blocks(sch)
-    names = [sch.get(b).name_hint for b in blocks]
-    pos = names.index(sch.get(block).name_hint)
-    producers, consumers = blocks[:pos], blocks[pos + 1:]
-    for b in producers + consumers:
-        if not is_spatial_block(sch, b):
-            raise NotApplicable("more than one reduction block")
-    remaining = []
-    for b in consumers:
-        stmt = sch.get(b)
-        if stmt.writes and stmt.writes[0].source not in outputs:
-            try:
-                sch.compute_inline(b)
-                continue
-            except Exception:  # pylint: disable=broad-except
-                pass
-        remaining.append(b)
-
-    no, ni = sch.split(ln, factors=[None, lanes])
-    nvo, nvi = sch.split(no, factors=[None, nv])
-    ko, ki = sch.split(lk, factors=[None, 4])
-    if lm is None:
-        mi = None
-        tiles = [nvo]
-        sch.reorder(nvo, ko, nvi, ni, ki)
-    else:
-        mo, mi = sch.split(lm, factors=[None, mr])
-        # weights larger than the activations: column panels outermost, so a panel stays in cache
-        tiles = [nvo, mo] if N * K > M * K and N // (lanes * nv) > 1 else [mo, nvo]
-        sch.reorder(*tiles, ko, mi, nvi, ni, ki)
-
-    wb = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(wb, tiles[-1], preserve_unit_loops=True)
-    leftover = []
-    for b in remaining:
-        try:
-            sch.reverse_compute_inline(b)
-        except Exception:  # pylint: disable=broad-except
-            leftover.append(b)
-    wb_loops = sch.get_loops(wb)[len(tiles):]
-    if wb_loops:
-        ext = static_extent(sch, wb_loops[-1])
-        if ext % lanes == 0 and ext > lanes:
-            _, wv = sch.split(wb_loops[-1], factors=[None, lanes])
-            sch.vectorize(wv)
-        elif ext == lanes:
-            sch.vectorize(wb_loops[-1])
-
-    if mi is not None and mr > 1:
-        sch.unroll(mi)
-    if nv > 1:
-        sch.unroll(nvi)
-    par = sch.fuse(*tiles) if len(tiles) > 1 else tiles[0]
-    if M * N * K >= PARALLEL_MIN_MACS:
-        sch.parallel(par)
-    init = sch.decompose_reduction(block, ko)
-    init_loops = sch.get_loops(init)
-    sch.vectorize(init_loops[-1])
-    sch.tensorize(ni, intrin)
-    for b in producers + leftover:
-        schedule_injective(sch, b, lanes)
-    return sch
-
-
 class PackedDenseX86(SafeRule):
     """u8 x s8 -> s32 packed dense on AVX-512 (VNNI when the target has it)."""
 
@@ -242,5 +137,5 @@ class PackedDenseX86(SafeRule):
         if pk is None or pk[0] != LANES or pk[1] != "uint8":
             raise NotApplicable("not an AVX-512 x86 target")
         _, main = match_packed_dense(sch, LANES, ("uint8",))
-        return schedule_packed_dense(sch, func, target, main, LANES, _intrin_name(target))
+        return schedule_packed_dense(sch, main, LANES, _intrin_name(target), MAX_ACC, parallel_min_macs=PARALLEL_MIN_MACS)
 

@@ -1,0 +1,118 @@
+"""The one register-tiled schedule of the packed int8 dense (``compute.py``), for every ISA.
+
+x86 (``x86.py``: 16 lanes, ``vpdpbusd``) and arm64 (``arm.py``: 4 lanes, ``sdot`` or NEON
+``smull``/``saddlp``) differ in lanes, tensor intrinsic, register budget and tile preference only:
+
+    parallel tiles -> k/4 -> mr rows -> nv column vectors -> [lanes n x 4 k] tensorized
+
+with the int32 accumulator tile in registers (``cache_write`` to ``local``), the fused epilogue
+(dequantize, bias, activation, requantize) inlined into the vectorized write-back, and producers
+(the activation quantize) scheduled as their own parallel loops.
+"""
+
+from __future__ import annotations
+
+from edgellm.backends.tvm_cpu._common import (
+    NotApplicable,
+    func_output_buffers,
+    is_spatial_block,
+    root_blocks,
+    schedule_injective,
+    static_extent,
+)
+
+
+def choose_tile(m: int, n_vectors: int, max_acc: int, max_mr: int = 8, max_nv: int = 4, square: bool = False):
+    """(mr, nv): rows and column vectors per register tile, mr | M and nv | N/lanes, at most ``max_acc``
+    accumulators. The most accumulators win (independent dot-product chains); ties go to the widest tile,
+    or with ``square`` to the squarest (each k step loads mr activation broadcasts + nv weight vectors)."""
+    best = None
+    for nv in range(min(max_nv, n_vectors), 0, -1):
+        if n_vectors % nv:
+            continue
+        for mr in range(min(max_mr, m), 0, -1):
+            if m % mr or mr * nv > max_acc:
+                continue
+            key = (mr * nv, -abs(mr - nv) if square else nv)
+            if best is None or key > best[0]:
+                best = (key, mr, nv)
+    return best[1], best[2]
+
+
+def _try(primitive, *args) -> bool:
+    """Apply a schedule primitive that may legitimately fail (an epilogue that cannot be inlined)."""
+    try:
+        primitive(*args)
+        return True
+    except Exception:  # noqa: BLE001 -- TVM raises a plain TVMError subclass per primitive
+        return False
+
+
+def schedule_packed_dense(sch, main, lanes: int, intrin: str, max_acc: int, *, max_nv_gemv: int = 4,
+                          square: bool = False, parallel_min_macs: int = 0):
+    """Schedule the matched dense block ``main`` (normalized info) and its fused producers / epilogue.
+
+    ``max_nv_gemv``: column vectors per tile when M == 1 (more independent accumulators for a GEMV);
+    ``parallel_min_macs``: below this many multiply-adds the dense stays on one thread."""
+    block = main.block_rv
+    loops = sch.get_loops(block)
+    if len(loops) not in (2, 3):
+        raise NotApplicable("expected loops (m,) n, k")
+    lm, ln, lk = loops if len(loops) == 3 else [None, *loops]  # M == 1: the unit row loop is gone
+    M = static_extent(sch, lm) if lm is not None else 1
+    N, K = static_extent(sch, ln), static_extent(sch, lk)
+    if N % lanes or K % 4:
+        raise NotApplicable("N or K not padded")
+    mr, nv = choose_tile(M, N // lanes, max_acc, max_nv=max_nv_gemv if M == 1 else 4, square=square)
+
+    outputs = func_output_buffers(sch.mod["main"])
+    blocks = root_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    pos = names.index(sch.get(block).name_hint)
+    producers, consumers = blocks[:pos], blocks[pos + 1:]
+    for b in producers + consumers:
+        if not is_spatial_block(sch, b):
+            raise NotApplicable("more than one reduction block")
+    # intermediate epilogue blocks inlined into their consumers
+    remaining = [b for b in consumers
+                 if not (sch.get(b).writes and sch.get(b).writes[0].source not in outputs and _try(sch.compute_inline, b))]
+
+    mo, mi = sch.split(lm, factors=[None, mr]) if lm is not None else (None, None)
+    no, ni = sch.split(ln, factors=[None, lanes])
+    nvo, nvi = sch.split(no, factors=[None, nv])
+    ko, ki = sch.split(lk, factors=[None, 4])
+    if mo is None:
+        tiles = [nvo]
+    else:  # weights larger than the activations: column panels outermost, so a panel stays in cache
+        tiles = [nvo, mo] if N * K > M * K and N // (lanes * nv) > 1 else [mo, nvo]
+    sch.reorder(*tiles, ko, *([mi] if mi is not None else []), nvi, ni, ki)
+
+    # accumulator tile in registers; the epilogue on the vectorized write-back
+    wb = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(wb, tiles[-1], preserve_unit_loops=True)
+    leftover = [b for b in remaining if not _try(sch.reverse_compute_inline, b)]
+    wb_loops = sch.get_loops(wb)[len(tiles):]
+    if wb_loops:
+        ext = static_extent(sch, wb_loops[-1])
+        if ext % lanes == 0 and ext > lanes:
+            _, wv = sch.split(wb_loops[-1], factors=[None, lanes])
+            sch.vectorize(wv)
+        elif ext == lanes:
+            sch.vectorize(wb_loops[-1])
+
+    # annotations and parallel before decompose_reduction (0.27), tensorize last
+    if mi is not None and mr > 1:
+        sch.unroll(mi)
+    if nv > 1:
+        sch.unroll(nvi)
+    par = sch.fuse(*tiles) if len(tiles) > 1 else tiles[0]
+    if static_extent(sch, par) > 1 and M * N * K >= parallel_min_macs:
+        sch.parallel(par)
+    init = sch.decompose_reduction(block, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ni, intrin)
+
+    # producers (activation quantize, padding) and unmergeable consumers: their own parallel loops
+    for b in producers + leftover:
+        schedule_injective(sch, b, lanes)
+    return sch
