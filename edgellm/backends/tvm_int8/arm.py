@@ -31,9 +31,9 @@ TVM's take a ``global`` accumulator, which does not match a register tile.
 from __future__ import annotations
 
 from tvm import ir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from edgellm.backends.tvm_cpu._common import NotApplicable, SafeRule
+from edgellm.backends.tvm_cpu.matmul import find_single_reduction
 from edgellm.backends.tvm_cpu.target_info import _attrs
 
 from .schedule import schedule_packed_dense
@@ -171,13 +171,7 @@ def match_packed_dense(sch):
     Checks the block body exactly: ``C[m, n] = C[m, n] + int32(A[m, k]) * int32(W[n // 4, k // 4,
     n % 4, k % 4])`` with A, W int8 and C int32; M, N, K static, N and K multiples of 4.  With M = 1
     normalization drops the unit iter: then the body is ``C[0, n] += int32(A[0, k]) * ...``."""
-    infos = normalize_prim_func(sch)
-    if infos is None:
-        raise NotApplicable("not normalizable")
-    reds = [i for i in infos if i.is_reduction()]
-    if len(reds) != 1:
-        raise NotApplicable("need exactly one reduction block")
-    main = reds[0]
+    _, main = find_single_reduction(sch)
     kinds = "".join(i.kind for i in main.iters)
     if kinds not in ("SSR", "SR") or not all(isinstance(i.dom, int) for i in main.iters):
         raise NotApplicable(f"iters {kinds}: want static (m, n, k) or (n, k)")

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import os
 
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from edgellm.backends.tvm_cpu._common import NotApplicable, SafeRule
+from edgellm.backends.tvm_cpu.matmul import find_single_reduction
 
 from .compute import has_vnni, packing
 from .schedule import schedule_packed_dense
@@ -105,13 +105,7 @@ def _intrin_name(target) -> str:
 
 def match_packed_dense(sch, lanes: int, act_dtypes: tuple[str, ...]):
     """(infos, main block info) of the packed int8 dense in ``sch``, else NotApplicable."""
-    infos = normalize_prim_func(sch)
-    if infos is None:
-        raise NotApplicable("not normalizable")
-    reds = [i for i in infos if i.is_reduction()]
-    if len(reds) != 1:
-        raise NotApplicable("need exactly one reduction block")
-    main = reds[0]
+    infos, main = find_single_reduction(sch)
     stmt = sch.get(main.block_rv)
     if len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "int32":
         raise NotApplicable("not an int32 accumulation")
