@@ -269,6 +269,31 @@ def choose_tile(n: int, m: int, lanes: int, nregs: int, max_mr: int = 8, max_nv:
     return vl, best[1], best[2]
 
 
+def split_around_reduction(sch, block):
+    """(producers, consumers left) of the one reduction ``block``: the root blocks before it, and the
+    blocks after it minus the intermediate epilogue blocks, which are inlined into their consumers
+    (what is left writes a function output, or could not be inlined). NotApplicable when another
+    block is a reduction too."""
+    outputs = func_output_buffers(sch.mod["main"])
+    blocks = root_blocks(sch)
+    pos = [sch.get(b).name_hint for b in blocks].index(sch.get(block).name_hint)
+    producers, consumers = blocks[:pos], blocks[pos + 1:]
+    for b in producers + consumers:
+        if not is_spatial_block(sch, b):
+            raise NotApplicable("more than one reduction block")
+    remaining = []
+    for b in consumers:
+        stmt = sch.get(b)
+        if stmt.writes and stmt.writes[0].source not in outputs:
+            try:
+                sch.compute_inline(b)
+                continue
+            except Exception:  # pylint: disable=broad-except
+                pass
+        remaining.append(b)
+    return producers, remaining
+
+
 def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, max_mr=8, max_nv=4,
                              weight_outer=None, producers_at_tile=False,
                              unroll_reduction=False):
@@ -288,27 +313,8 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
     vl, nv, mr = choose_tile(n, m, lanes, nregs, max_mr=max_mr,
                              max_nv=max(max_nv, 8) if m == 1 else max_nv)
 
-    outputs = func_output_buffers(sch.mod["main"])
-    blocks = root_blocks(sch)
-    main_name = sch.get(block).name_hint
-    pos = [sch.get(b).name_hint for b in blocks].index(main_name)
-    producers = blocks[:pos]
-    consumers = blocks[pos + 1 :]
-    for b in producers + consumers:
-        if not is_spatial_block(sch, b):
-            raise NotApplicable("more than one reduction block")
-
     # 1. inline intermediate epilogue blocks into their consumers
-    remaining = []
-    for b in consumers:
-        stmt = sch.get(b)
-        if stmt.writes and stmt.writes[0].source not in outputs:
-            try:
-                sch.compute_inline(b)
-                continue
-            except Exception:  # pylint: disable=broad-except
-                pass
-        remaining.append(b)
+    producers, remaining = split_around_reduction(sch, block)
 
     # 2. tile the main block
     loops = {i.var: i.loop_rv for i in main_info.iters}

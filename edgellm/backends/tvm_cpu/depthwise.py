@@ -30,12 +30,10 @@ from ._common import (
     TileInfo,
     _linear_coef,
     dtype_bits,
-    func_output_buffers,
-    is_spatial_block,
     largest_pow2_divisor,
-    root_blocks,
     schedule_injective,
     schedule_tiled_reduction,
+    split_around_reduction,
     static_extent,
     uses_var,
 )
@@ -99,24 +97,7 @@ def schedule_depthwise(sch, func, target, main_info, tile: TileInfo):
         # Measured (MobileNet-V2, Zen 4/5): 1.1-1.3x; three vectors was slower
         nv = 2
 
-    outputs = func_output_buffers(sch.mod["main"])
-    blocks = root_blocks(sch)
-    main_name = sch.get(block).name_hint
-    pos = [sch.get(b).name_hint for b in blocks].index(main_name)
-    producers, consumers = blocks[:pos], blocks[pos + 1:]
-    for b in producers + consumers:
-        if not is_spatial_block(sch, b):
-            raise NotApplicable("more than one reduction block")
-    remaining = []
-    for b in consumers:
-        stmt = sch.get(b)
-        if stmt.writes and stmt.writes[0].source not in outputs:
-            try:
-                sch.compute_inline(b)
-                continue
-            except Exception:  # pylint: disable=broad-except
-                pass
-        remaining.append(b)
+    producers, remaining = split_around_reduction(sch, block)
 
     loops = {i.var: i.loop_rv for i in main_info.iters}
     co, ci = sch.split(loops[tile.vec.var], factors=[None, nv * vl])

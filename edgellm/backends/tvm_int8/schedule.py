@@ -14,10 +14,8 @@ from __future__ import annotations
 
 from edgellm.backends.tvm_cpu._common import (
     NotApplicable,
-    func_output_buffers,
-    is_spatial_block,
-    root_blocks,
     schedule_injective,
+    split_around_reduction,
     static_extent,
 )
 
@@ -65,17 +63,7 @@ def schedule_packed_dense(sch, main, lanes: int, intrin: str, max_acc: int, *, m
         raise NotApplicable("N or K not padded")
     mr, nv = choose_tile(M, N // lanes, max_acc, max_nv=max_nv_gemv if M == 1 else 4, square=square)
 
-    outputs = func_output_buffers(sch.mod["main"])
-    blocks = root_blocks(sch)
-    names = [sch.get(b).name_hint for b in blocks]
-    pos = names.index(sch.get(block).name_hint)
-    producers, consumers = blocks[:pos], blocks[pos + 1:]
-    for b in producers + consumers:
-        if not is_spatial_block(sch, b):
-            raise NotApplicable("more than one reduction block")
-    # intermediate epilogue blocks inlined into their consumers
-    remaining = [b for b in consumers
-                 if not (sch.get(b).writes and sch.get(b).writes[0].source not in outputs and _try(sch.compute_inline, b))]
+    producers, remaining = split_around_reduction(sch, block)  # intermediate epilogues inlined
 
     mo, mi = sch.split(lm, factors=[None, mr]) if lm is not None else (None, None)
     no, ni = sch.split(ln, factors=[None, lanes])
