@@ -17,7 +17,7 @@ from typing import Callable
 
 from edgellm import __version__, backends, targets
 from edgellm.errors import EdgeError
-from edgellm.package import check_output, npz_bytes, write_package
+from edgellm.package import check_output, narrowed, npz_bytes, write_package
 from edgellm.recipe import BuildRecipe
 from edgellm.runtime import device
 from edgellm.runtime.accuracy import compare
@@ -230,7 +230,7 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
         detail = []
         with stage("package", detail):
             members = {name: Path(p).read_bytes() for name, p in compiled.files.items()}
-            members["reference.npz"] = npz_bytes({**{f"input.{k}": v for k, v in traced.example_inputs.items()},
+            members["reference.npz"] = npz_bytes({**{f"input.{k}": narrowed(v) for k, v in traced.example_inputs.items()},
                                                   **{f"output.{k}": v for k, v in traced.reference.items()}})
             manifest = write_package(out, {
                 "edgellm_version": __version__,
@@ -247,7 +247,7 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
                 "compression": plan.manifest(compiled.info),
                 "verification": verification,
                 "build": {"host": platform.machine(), "seconds": {k: round(v, 3) for k, v in seconds.items()}},
-            }, members, deflate=plan.deflate)
+            }, members)
             detail.append(f"{out} ({out.stat().st_size / 1e6:.2f} MB)" + (f", backend {chosen['backend']}: {comparison['why']}" if auto else ""))
     return BuildResult(out, manifest, seconds)
 

@@ -40,21 +40,34 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def write_package(path: str | Path, manifest: dict, members: dict[str, bytes], deflate: frozenset[str] | set[str] = frozenset()) -> dict:
+def narrowed(array: np.ndarray) -> np.ndarray:
+    """``array`` as float16 when that holds it exactly (the runtime casts it back), else unchanged.
+
+    Sample inputs are drawn at half precision (trace.sample, the zoo), so the reference sample a
+    package carries takes half the bytes: 0.3 of MobileNet-V2's 0.6 MB image."""
+    if array.dtype != np.float32:
+        return array
+    half = array.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), array) else array
+
+
+def write_package(path: str | Path, manifest: dict, members: dict[str, bytes]) -> dict:
     """Write members plus a manifest listing each one's size and sha256. Returns the manifest.
 
-    Members are stored uncompressed (fastest to read) except those in ``deflate``: sparse
-    (unstructured-pruned) weights, whose zeros compress. Hashes are of the raw data either way.
+    Members are deflated: a package is shipped to devices, and compiled code, int8 weights and
+    sparse weights all shrink (MobileNet-V2 int8 model.so 4.2 -> 3.5 MB, kws-cnn's 154 -> 68 kB; fp32
+    weights barely: 14.2 -> 13.0 MB). The runtime reads members into memory either way, so the cost
+    is inflating them at load (17 ms for 4 MB). Hashes are of the raw data.
     """
     path = check_output(path)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
     manifest["files"] = {name: {"size": len(data), "sha256": sha256_bytes(data)} for name, data in members.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
             archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=False))
             for name, data in members.items():
-                archive.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if name in deflate else zipfile.ZIP_STORED)
+                archive.writestr(name, data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

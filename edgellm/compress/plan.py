@@ -111,11 +111,6 @@ class Plan:
         self._calib, self._eval, self._note = prepare(self.calib, self.eval, traced.inputs)
         return self._note
 
-    @property
-    def deflate(self) -> frozenset[str]:
-        """Package members to store compressed: the weights of an unstructured-sparse model (their zeros deflate)."""
-        return frozenset({"model.bin", "model.so", "params.bin"}) if self.prune is not None and self.prune_mode == "unstructured" else frozenset()
-
     def options(self) -> dict:
         return {"quantize": self.quantize, "calibration": self._calib} if self.quantize else {}
 

@@ -24,8 +24,8 @@ compiles dense kernels. OpenVINO's CPU plugin has a sparse-weights decompression
 (Sapphire Rapids and later); this AMD EPYC has AVX-512 VNNI but no AMX, so the option does nothing here.
 Measured (``sparse_weights_speedup``-style, alternating blocks, 2 threads): MiniLM int8 with 80% unstructured
 sparsity runs the same kernels (brgemm_avx512_i8) with and without the option, 5.44 vs 5.39 ms. What
-unstructured pruning buys is a smaller package once its weights are deflated (``deflated_size``; the package
-stores model.bin ZIP_DEFLATED for unstructured builds): MobileNetV2 at 50% sparsity, model.bin 13.9 MB ->
+unstructured pruning buys is a smaller package once its weights are deflated (``deflated_size``; packages
+deflate every member): MobileNetV2 at 50% sparsity, model.bin 13.9 MB ->
 7.6 MB deflated (int8-weights: 3.6 -> 2.3 MB); MiniLM 89.7 -> 66.9 MB (its embedding tables are not sparsified).
 """
 

@@ -138,7 +138,7 @@ def _compiled_with_counters(obj, feeds):
     if hasattr(obj, "_engine"):  # edgellm.runtime.model.Model
         model = obj
         if feeds is None and model._reference is not None:
-            feeds = [model._reference[f"input.{s.name}"] for s in model.inputs]
+            feeds = list(model.example_inputs().values())
         obj = model._engine
     if hasattr(obj, "_compile") and hasattr(obj, "config"):  # edgellm's OpenVINO Engine
         compiled = obj._compile({**obj.config, "PERF_COUNT": True})

@@ -99,10 +99,10 @@ class Model:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def example_inputs(self) -> dict[str, np.ndarray]:
-        """The sample inputs stored in the package at build time."""
+        """The sample inputs stored in the package at build time (float16 there when exact: cast back)."""
         if self._reference is None:
             raise EdgeError(f"{self.path.name} carries no reference sample", "rebuild it with this edgellm")
-        return {s.name: self._reference[f"input.{s.name}"] for s in self.inputs}
+        return {s.name: self._reference[f"input.{s.name}"].astype(s.dtype, copy=False) for s in self.inputs}
 
     def contract(self) -> dict:
         """The accuracy the build promised: max error relative to the output scale (the build's verification

@@ -1,8 +1,7 @@
 """Reading and verifying an .edgepkg: the one file a device receives.
 
-An .edgepkg is a zip archive (stored, not compressed: compiled code barely shrinks and
-stored members read fastest) holding ``manifest.json`` plus the members it lists, each
-with its sha256. The writer lives on the compiler side (edgellm/package.py); the format
+An .edgepkg is a zip archive (deflated members) holding ``manifest.json`` plus the
+members it lists, each with its sha256. The writer lives on the compiler side (edgellm/package.py); the format
 constants live here so the runtime never needs the compiler to read a package.
 """
 

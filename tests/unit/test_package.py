@@ -98,3 +98,26 @@ def test_unwritable_output_is_refused_before_work(tmp_path):
         write_package(tmp_path / "missing" / "m.edgepkg", manifest(), {})
     with pytest.raises(EdgeError, match="should end in .edgepkg"):
         write_package(tmp_path / "m.zip", manifest(), {})
+
+
+def test_members_are_deflated_and_hashed_raw(pkg):
+    with zipfile.ZipFile(pkg) as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+        assert z.getinfo("model.so").compress_size < 1004  # the x-run deflates
+    _, members = read_package(pkg)
+    assert members["model.so"] == b"\x7fELF" + b"x" * 1000
+
+
+def test_reference_inputs_are_stored_at_half_precision_only_when_exact():
+    import numpy as np
+
+    from edgellm.package import narrowed
+    from edgellm.trace import sample
+
+    drawn = sample((4, 8), "float32")
+    assert drawn.dtype == np.float32 and narrowed(drawn).dtype == np.float16
+    assert np.array_equal(narrowed(drawn).astype(np.float32), drawn)
+    inexact = np.array([0.1, 1e5], dtype=np.float32)  # 0.1 rounds, 1e5 overflows float16
+    assert narrowed(inexact) is inexact
+    ids = np.array([1, 2], dtype=np.int64)
+    assert narrowed(ids) is ids
