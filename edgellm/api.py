@@ -197,7 +197,7 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
     if plan.prune is not None:
         detail = []
         with stage("prune", detail):
-            detail.append(plan.prune_source(src))
+            detail.append(plan.prune_source(src, round_to=max(tgt.vector_bits // 32, 1)))  # full fp32 SIMD vectors
     detail = []
     with stage("trace", detail):
         traced = trace(src, shapes)

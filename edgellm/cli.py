@@ -145,16 +145,18 @@ def build(source, target, output, backend, input_shapes, pipeline, tolerance, pr
 @click.option("--mode", type=click.Choice(["structured", "unstructured"]), default="structured", show_default=True)
 @click.option("--importance", type=click.Choice(["l1", "l2", "taylor"]), default="l2", show_default=True)
 @click.option("--finetune", metavar="FILE.py:FN", help="your fn(module) -> module, run on the pruned model (train it on your data)")
+@click.option("--round-to", type=click.IntRange(min=1), metavar="N",
+              help="structured: keep channel counts multiples of N, e.g. 16 for AVX-512 (what `build` does for its target)")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the pruned model, a .pt2 (torch.export)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @friendly
-def prune_cmd(source, ratio, mode, importance, finetune, output, as_json):
+def prune_cmd(source, ratio, mode, importance, finetune, round_to, output, as_json):
     """Prune SOURCE (zoo:NAME or file.py:fn) into a .pt2 program that `edgellm build` takes."""
     from edgellm.compress.prune import prune_to_file
     from edgellm.source import load_function
 
     fn = load_function(finetune, "--finetune", "def NAME(module): ...train...; return module") if finetune else None
-    report = prune_to_file(source, ratio, mode, importance, output, fn)
+    report = prune_to_file(source, ratio, mode, importance, output, fn, round_to=round_to)
     _emit(report, as_json, lambda r: _console().print(r["summary"]))
 
 

@@ -84,14 +84,16 @@ class Plan:
         if self.active and self._reference is None and src.inputs:
             self._reference = reference_runner(src, list(src.inputs))
 
-    def prune_source(self, src) -> str:
-        """Prune ``src`` in place (its reference kept first); a one-line summary."""
+    def prune_source(self, src, round_to: int | None = None) -> str:
+        """Prune ``src`` in place (its reference kept first); a one-line summary. ``round_to``: channel
+        counts kept multiples of it (structured), so the compiled kernels keep full SIMD vectors."""
         from edgellm.compress.prune import prune_source, summary
 
         if self.prune is None:
             return ""
         self.keep_reference(src)
-        report = prune_source(src, float(self.prune), self.prune_mode, self.prune_importance, finetune=self.finetune)
+        report = prune_source(src, float(self.prune), self.prune_mode, self.prune_importance, finetune=self.finetune,
+                              round_to=round_to if self.prune_mode == "structured" else None)
         self.prune_report = {k: v for k, v in report.items() if k not in ("tensors", "layers")}
         if report["mode"] == "unstructured":
             self.prune_report["layer_sparsity"] = {k: round(v["sparsity"], 4) for k, v in report["layers"].items()}

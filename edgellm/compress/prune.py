@@ -205,7 +205,9 @@ def prune(module, example_inputs: dict[str, np.ndarray], ratio: float, mode: str
     """(pruned copy of ``module``, report). ``ratio``: the share of channels/units/heads (structured) or of
     weights (unstructured) removed. ``finetune(module) -> module``, if given, runs on the pruned model
     (e.g. a few epochs of distillation) before the report. ``round_to``: keep channel counts multiples of it
-    (structured; e.g. 8 or 16 for SIMD-friendly widths). ``scope``: unstructured only, "global" or "layer"."""
+    (structured; the nearest multiple; ``edgellm build`` uses the target's fp32 SIMD lanes, 16 on AVX-512:
+    kws-cnn's 64-channel layers pruned to 45 ran 2.5x slower than unpruned in TVM, to 48 they run faster).
+    ``scope``: unstructured only, "global" or "layer"."""
     import torch
 
     if mode not in MODES:
@@ -263,6 +265,18 @@ def prune(module, example_inputs: dict[str, np.ndarray], ratio: float, mode: str
     return module, report
 
 
+def _nearest_round_pruner(tp):
+    """torch-pruning's MagnitudePruner, rounding the channels a layer keeps to the *nearest* multiple of
+    round_to (never below one multiple). torch-pruning floors: ratio 0.3 of 64 channels kept 32 at round_to 16."""
+
+    class NearestRoundPruner(tp.pruner.MagnitudePruner):
+        def _round_to(self, n_pruned, current_channels, round_to):
+            kept = max(round_to, round((current_channels - n_pruned) / round_to) * round_to)
+            return max(current_channels - kept, 0)
+
+    return NearestRoundPruner
+
+
 def _structured(module, args, ratio: float, importance: str, round_to: int | None):
     tp = import_torch_pruning()
     from torch import nn
@@ -285,7 +299,7 @@ def _structured(module, args, ratio: float, importance: str, round_to: int | Non
     if importance == "taylor":
         _taylor_backward(module, args)
     try:
-        pruner = tp.pruner.MagnitudePruner(
+        pruner = _nearest_round_pruner(tp)(
             module, args, importance=_importance(importance), pruning_ratio=ratio, ignored_layers=ignored,
             round_to=round_to, num_heads=num_heads, prune_num_heads=bool(attention), prune_head_dims=False,
             head_pruning_ratio=ratio if attention else 0.0, output_transform=None)
@@ -313,7 +327,7 @@ def _structured(module, args, ratio: float, importance: str, round_to: int | Non
               if n in shapes_before and tuple(p.shape) != shapes_before[n]}
     if not shrunk:
         raise EdgeError(f"structured pruning at ratio {ratio} removed nothing from this model", "use a larger ratio or --prune-mode unstructured")
-    detail = {"shrunk_tensors": len(shrunk), "tensors": shrunk}
+    detail = {"shrunk_tensors": len(shrunk), "round_to": round_to, "tensors": shrunk}
     if heads:
         detail["attention_heads"] = {"before": sum(h for h, _ in heads), "after": sum(n for _, n in heads), "per_layer": [n for _, n in heads]}
     return module, detail
@@ -414,7 +428,8 @@ def summary(report: dict) -> str:
             + (f", heads {heads['before']} -> {heads['after']}" if heads else ""))
 
 
-def prune_to_file(ref: str, ratio: float, mode: str, importance: str, output, finetune: Callable | None = None) -> dict:
+def prune_to_file(ref: str, ratio: float, mode: str, importance: str, output, finetune: Callable | None = None,
+                  round_to: int | None = None) -> dict:
     """``edgellm prune``: load a source, prune it, save a .pt2 program; the report (tensor shapes left out) + summary."""
     from pathlib import Path
 
@@ -427,7 +442,7 @@ def prune_to_file(ref: str, ratio: float, mode: str, importance: str, output, fi
         raise EdgeError(f"cannot write {output}: folder {output.parent} does not exist", f"mkdir -p {output.parent}")
     src = sources.load(ref)
     _check_prunable(src)
-    pruned, report = prune(src.model, src.inputs, ratio, mode, importance, finetune)
+    pruned, report = prune(src.model, src.inputs, ratio, mode, importance, finetune, round_to=round_to)
     tmp = output.with_name(f".{output.stem}.tmp.pt2")
     try:
         export(pruned, src.inputs, tmp)

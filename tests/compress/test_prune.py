@@ -33,13 +33,23 @@ def test_structured_kws_shrinks_runs_and_exports(kws, importance, tmp_path):
     assert report["after"]["macs"] < 0.7 * report["before"]["macs"]
     assert report["after"]["state_dict_bytes"] < report["before"]["state_dict_bytes"]
     after = _shapes(pruned)
-    # every conv really lost channels (64 -> 45); the classifier keeps its 12 classes
+    # every conv really lost channels (64 -> 44); the classifier keeps its 12 classes
     assert after["features.0.0.weight"][0] < 64 and after["features.2.0.weight"][:2] == (after["features.0.0.weight"][0],) * 2
     assert after["classifier.weight"] == (12, after["features.0.0.weight"][0])
     assert _run(pruned, kws.inputs).shape == (1, 12)
     export(pruned, kws.inputs, tmp_path / "pruned.pt2")
     program = torch.export.load(str(tmp_path / "pruned.pt2"))
     assert program.module()(*(torch.from_numpy(a) for a in kws.inputs.values())).shape == (1, 12)
+
+
+@pytest.mark.parametrize("round_to, kept", [(16, 48), (8, 48), (None, 44)])
+def test_round_to_keeps_the_nearest_multiple(kws, round_to, kept):
+    """64 channels at ratio 0.3 keep 44.8: the nearest multiple of 16 or 8 is 48 (torch-pruning's own
+    rounding floors to 32 at 16, over-pruning); without round_to the count is torch-pruning's own."""
+    pruned, report = prune(kws.model, kws.inputs, 0.3, "structured", round_to=round_to)
+    convs = [p.shape[0] for n, p in pruned.state_dict().items() if n.startswith("features") and p.ndim == 4]
+    assert convs and set(convs) == {kept}
+    assert report["round_to"] == round_to
 
 
 def test_prune_source_then_build_path(kws):
