@@ -14,7 +14,9 @@ dataflow lowering, finalize) plus
   ``Matmul`` (matmul.py), ``ConvNHWC`` (conv.py), ``DepthwiseNHWC`` (depthwise.py),
   ``Pooling`` (reduction.py), ``Elementwise`` (elementwise.py), ``RowReduction``
   (reduction.py, softmax / layer norm), dlight.cpu ``GEMV`` and ``Reduction``, and
-  ``ParallelFallback`` (elementwise.py).
+  ``ParallelFallback`` (elementwise.py);
+* in the VM lowering (``vm_lower_passes``, vm_passes.py): reshapes between kernels folded into
+  the kernels as views, and no kill calls -- the VM's own work per call on a 0.1 ms model.
 
 Vector width comes from the target (``target_info.vector_lanes``): AVX-512 16 fp32 lanes,
 AVX2 8, NEON 4.  Threads: outer loops are ``parallel``; the TVM runtime uses
@@ -67,13 +69,31 @@ def pre_schedule_passes(target: "tvm.target.Target") -> list:
     return cpu_generic.library_dispatch_passes(target) + [layout_passes] + cpu_generic.legalize_passes(target)
 
 
+def vm_lower_passes(target: "tvm.target.Target") -> list:
+    """cpu_generic's dataflow lowering and finalization, less per-call VM work (vm_passes.py):
+    reshapes between kernels become views inside the kernels, and no kill calls -- with
+    static memory planning (edgellm traces static shapes only) and the VM's pooled allocator,
+    clearing dead registers early frees nothing (the planned storages are all alive at the peak
+    anyway); each kill is a ``vm.builtin.null_value`` call per dead tensor and storage."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    from .vm_passes import DropKills, FoldReshapeIntoKernels
+
+    passes = []
+    for p in cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target):
+        passes.append(p)
+        if p.info.name == "RewriteDataflowReshape":  # reshapes are R.reshape from here on
+            passes.append(FoldReshapeIntoKernels)
+        if p.info.name == "KillAfterLastUse":  # kept for its other job: it drops the `lv = alloc` aliases
+            passes.append(DropKills)           # CallTIRRewrite leaves (each one a vm.builtin.copy call)
+    return passes
+
+
 def pipeline(target: "tvm.target.Target", before_rules: list | tuple = ()) -> "tvm.transform.Pass":
     """A Relax->VM pipeline usable as tvm.compile(mod, target, relax_pipeline=pipeline(target)).
 
     ``before_rules``: passes that schedule some functions first (e.g. a tuning database);
     the rules then take what is left unscheduled."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-
     from .apply import ApplyVerifiedSchedule
 
     if not isinstance(target, tvm.target.Target):
@@ -86,8 +106,7 @@ def pipeline(target: "tvm.target.Target", before_rules: list | tuple = ()) -> "t
                 pre_schedule_passes(target)
                 + list(before_rules)
                 + [ApplyVerifiedSchedule(*schedule_rules())]
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target)
+                + vm_lower_passes(target)
             )
             mod = seq(mod)
         return mod

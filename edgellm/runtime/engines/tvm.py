@@ -71,6 +71,13 @@ def set_threads(tvm, threads: int) -> None:
     tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
 
 
+def _to_numpy(tensor) -> np.ndarray:
+    try:
+        return np.from_dlpack(tensor).copy()
+    except (TypeError, RuntimeError, BufferError):  # a dtype numpy's DLPack import does not take
+        return tensor.numpy()
+
+
 class Engine:
     def __init__(self, manifest: dict, members: dict[str, bytes], threads: int):
         tvm = import_tvm()
@@ -88,25 +95,44 @@ class Engine:
         self._main = self.vm["main"]
         self._empty = tvm.runtime.empty
         self._inputs: list = []
+        self._views: list[np.ndarray] = []
 
     def _feed(self, arrays: list[np.ndarray]) -> list:
-        """Device tensors holding ``arrays``: allocated once, then refilled (copyfrom: 7 us for kws-cnn's input
-        vs 12 us for a new tensor; numpy's buffers are not 64-byte aligned, so zero-copy DLPack is refused)."""
-        same = len(self._inputs) == len(arrays) and all(
-            tuple(t.shape) == a.shape and str(t.dtype) == str(a.dtype) for t, a in zip(self._inputs, arrays))
-        if not same:
+        """Device tensors holding ``arrays``: allocated once, then refilled. On the CPU through a numpy view of
+        each tensor (np.copyto: 0.4 us for kws-cnn's input, vs 5 us for Tensor.copyfrom and 4 us more for
+        checking the tensors' shapes through TVM; numpy's own buffers are not 64-byte aligned, so zero-copy
+        DLPack into TVM is refused)."""
+        views = self._views
+        if len(views) != len(arrays) or any(v.shape != a.shape or v.dtype != a.dtype for v, a in zip(views, arrays)):
             self._inputs = [self._empty(a.shape, str(a.dtype), self.device) for a in arrays]
-        for t, a in zip(self._inputs, arrays):
-            t.copyfrom(np.ascontiguousarray(a))
+            self._views = views = [self._view(t) for t in self._inputs]
+        for t, v, a in zip(self._inputs, views, arrays):
+            if v.flags.writeable:
+                np.copyto(v, a)
+            else:  # a GPU tensor (the view is a placeholder), or numpy < 2 (read-only DLPack views)
+                t.copyfrom(np.ascontiguousarray(a))
         return self._inputs
+
+    def _view(self, tensor) -> np.ndarray:
+        if not self.cuda:
+            try:
+                return np.from_dlpack(tensor)
+            except (TypeError, RuntimeError, BufferError):
+                pass
+        view = np.empty(tuple(tensor.shape), str(tensor.dtype))
+        view.flags.writeable = False
+        return view
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         out = self._main(*self._feed(arrays))
         if self.cuda:  # kernels run asynchronously: the inference ends when the GPU is done
             self.device.sync()
+            return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+        # a copy out of a DLPack view: 0.5 us vs 5.5 us for Tensor.numpy(); a copy, because an output can
+        # be a view of an input tensor that the next call refills, or of a constant
         if hasattr(out, "numpy"):
-            return [out.numpy()]
-        return [o.numpy() for o in out]
+            return [_to_numpy(out)]
+        return [_to_numpy(out[i]) for i in range(len(out))]
 
     def op_times(self, arrays: list[np.ndarray], runs: int) -> list[tuple[str, float]]:
         """Seconds spent in each VM call (fused kernels and VM builtins), over ``runs`` runs.
