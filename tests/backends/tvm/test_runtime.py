@@ -33,6 +33,17 @@ def test_wrong_inputs_are_named(model, call, message):
         call(model, model.example_inputs()["features"])
 
 
+@pytest.mark.parametrize("shape, dtype, message", [((1, 1, 40, 49), "float32", "shape"), ((1, 1, 49, 40), "float64", "dtype")])
+def test_the_vm_itself_checks_its_inputs(model, shape, dtype, message):
+    """Kernels are compiled without argument checks (tirx.disable_assert): the VM's own check of the
+    model's inputs is what stands between a wrong tensor and the kernels, also below edgellm's checks."""
+    import tvm
+
+    bad = tvm.runtime.tensor(np.zeros(shape, dtype))
+    with pytest.raises(Exception, match=f"param=features.*{message}"):
+        model._engine._main(bad)
+
+
 def test_tampered_package_is_refused(kws_pkg, tmp_path):
     bad = tmp_path / "bad.edgepkg"
     with zipfile.ZipFile(kws_pkg) as src, zipfile.ZipFile(bad, "w") as dst:
