@@ -6,12 +6,14 @@
 2. static mode: calibration (``calibrate.py``), the fp32 model compiled by TVM run on the
    user's samples, per-tensor activation ranges; dynamic mode (transformer encoders):
    per-row scales computed at run time;
-3. ``rewrite.py``: conv2d 1x1 / matmul with constant weights -> quantize + packed int8 dense
-   (``compute.py``) + dequantize, weights int8 per channel packed as constants;
+3. ``rewrite.py``: conv2d 1x1 / matmul with constant weights (and small-patch kxk stems, as
+   im2col) -> quantize + packed int8 dense (``compute.py``) + dequantize, weights int8 per
+   channel packed as constants; each epilogue's dequantize ... requantize chain folded to one
+   multiply-add + clamp;
 4. the usual pipeline; ``int8_rules()`` (registered first in ``tvm_cpu.schedule_rules``)
    schedules the packed dense with VNNI (``x86.py``) or sdot (``arm.py``).
 
-Also (static mode) depthwise convs after an int8 dense read 8-bit activations with int8
+Also (static mode) depthwise convs after an int8 dense or an fp32 conv read 8-bit activations with int8
 weights (f32 arithmetic, ``compute.depthwise_dq_te``), and (both modes) large embedding tables
 are stored int8 per row. ``--quantize int8-weights`` is refused for TVM (``compress.quantize``).
 Measured figures: docs/tvm-int8.md and ``benchmarks/tvm_int8.py``.

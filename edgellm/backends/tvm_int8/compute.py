@@ -120,3 +120,49 @@ def depthwise_dq_te(Q, W, strides, padding, scale: float, zero_point: int, name:
         lambda b, h, w, c: te.sum(pad[b, h * sh + rh, w * sw + rw, c] * W[rh, rw, 0, c].astype("float32"), axis=[rh, rw]),
         name=name)
 
+
+
+
+def im2col_channels(c: int, kw: int) -> int:
+    """Channels a stem's input is padded to so that one patch row (kw * Cp bytes) is a multiple
+    of 4 (the dense's K groups): 3 -> 4 for a 3x3 RGB stem, 1 stays 1 for a 10x4 mono stem."""
+    cp = c
+    while (kw * cp) % 4:
+        cp += 1
+    return cp
+
+
+def pad_codes_te(Q, padding, cp: int, pad_code: int, name: str = "pad_codes"):
+    """``[B, H, W, C]`` codes -> ``[B, H + pt + pb, W + pl + pr, cp]``: ``pad_code`` (real 0) in the
+    spatial border, 0 in the extra channels (their weights are 0)."""
+    from tvm import te, tirx
+
+    B, H, W, C = (int(d) for d in Q.shape)
+    pt, pl, pb, pr = padding
+    return te.compute(
+        (B, H + pt + pb, W + pl + pr, cp),
+        lambda b, h, w, c: tirx.if_then_else(
+            c < C,
+            tirx.if_then_else(tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl), Q[b, h - pt, w - pl, tirx.min(c, C - 1)],
+                              tirx.const(pad_code, Q.dtype)),
+            tirx.const(0, Q.dtype)),
+        name=name)
+
+
+def im2col_primfunc(shape, dtype: str, kh: int, kw: int, strides):
+    """PrimFunc (P, out) of the patches of the padded codes ``P [B, Hp, Wp, Cp]``:
+    ``out[b*OH + oh, ow, r, s*Cp + c] = P[b, oh*sh + r, ow*sw + s, c]``, viewed by the caller as
+    ``[B*OH*OW, kh*kw*Cp]`` (the dense's A). Marked opaque so that FuseOps keeps the (recomputing)
+    quantize / pad producers out of it: each code is read by kh*kw/(sh*sw) patches."""
+    from tvm import te
+
+    B, Hp, Wp, Cp = shape
+    sh, sw = strides
+    OH, OW = (Hp - kh) // sh + 1, (Wp - kw) // sw + 1
+    P = te.placeholder((B, Hp, Wp, Cp), dtype, name="P")
+    out = te.compute(
+        (B * OH, OW, kh, kw * Cp),
+        lambda bo, ow, r, sc: P[bo // OH, (bo % OH) * sh + r, ow * sw + sc // Cp, sc % Cp],
+        name="im2col")
+    f = te.create_prim_func([P, out]).with_attr("op_pattern", 8)  # kOpaque
+    return f.without_attr("global_symbol") if hasattr(f, "without_attr") else f.with_attr("global_symbol", "im2col")

@@ -26,9 +26,18 @@ Reshapes: the dense works on [M, K]; ``sink_reshapes`` moves the reshape back to
 the elementwise epilogue, so FuseOps keeps the epilogue (and the next layer's quantize) in
 the dense's PrimFunc.
 
-Left fp32 (and said so in the report): depthwise convs not fed by an int8 dense, grouped
-convs, convs that are not 1x1 stride 1 unpadded (e.g. the first layer, where Cin is 1 or
-3), layers with K % 4 != 0, activation x activation matmuls (attention).
+A kxk conv with a small patch (``kh*kw*Cin <= IM2COL_MAX_K``: a network's stem, Cin 1 or 3)
+is an int8 dense too: quantize + pad (one fused kernel, channels padded so a patch row is a
+multiple of 4 bytes), ``compute.im2col_primfunc`` (an opaque kernel, so the quantize is not
+recomputed per patch), a free view to ``[M, kh*kw*Cp]``, the packed dense.
+
+Epilogues: ``fold_requantize`` turns each elementwise chain ending in a cast to (u)int8
+(dequantize, bias, ReLU6, the next layer's quantize) into one multiply-add and a clamp, with no
+round on uint8 (see there).
+
+Left fp32 (and said so in the report): depthwise convs not fed by an int8 dense or an fp32
+conv, grouped convs, kxk convs with larger patches, layers with K % 4 != 0, activation x
+activation matmuls (attention).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .compute import dense_int8_te, depthwise_dq_te, pack_weight
+from .compute import dense_int8_te, depthwise_dq_te, im2col_channels, im2col_primfunc, pack_weight, pad_codes_te
 
 _CONST = tuple(c for c in (getattr(tvm.ir, "GenericConst", None), getattr(relax, "Constant", None)) if c is not None)
 
@@ -92,12 +101,30 @@ def candidate(call) -> tuple[str, np.ndarray | None, str]:
     if int(a.groups) != 1:
         return "conv2d", None, "depthwise" if int(a.groups) == cout else "grouped"
     if (kh, kw) != (1, 1) or any(int(s) != 1 for s in a.strides) or any(int(p) != 0 for p in a.padding):
-        return "conv2d", None, f"{kh}x{kw} conv (only 1x1 stride-1 convs are int8 dense)"
+        # a kxk conv with a small patch (a stem: Cin 1 or 3) runs as im2col + int8 dense
+        if kh * kw * cin <= IM2COL_MAX_K and all(int(d) == 1 for d in a.dilation) and _dtype(x) == "float32" \
+                and _shape(x) is not None:
+            return "conv2d", np.ascontiguousarray(wt.reshape(kh * kw * cin, cout).T), ""
+        return "conv2d", None, f"{kh}x{kw} conv (int8 dense: 1x1 stride-1 convs, and kxk convs with kh*kw*Cin <= {IM2COL_MAX_K})"
     if cin % 4:
         return "conv2d", None, f"Cin={cin} not a multiple of 4"
     if _dtype(x) != "float32" or _shape(x) is None:
         return "conv2d", None, "input not static float32"
     return "conv2d", np.ascontiguousarray(wt[0, 0].T), ""
+
+
+#: largest kh*kw*Cin of a kxk conv rewritten as im2col + int8 dense (the patch matrix is
+#: kh*kw/stride^2 times the input: fine for stems, not for a ResNet's 3x3x64 convs)
+IM2COL_MAX_K = 160
+
+
+def _is_im2col(call) -> bool:
+    """A conv candidate that is not 1x1 stride 1 unpadded (``candidate`` took it as im2col)."""
+    if call.op.name != "relax.nn.conv2d":
+        return False
+    a = call.attrs
+    kh, kw = (int(d) for d in _shape(call.args[1])[:2])
+    return (kh, kw) != (1, 1) or any(int(s) != 1 for s in a.strides) or any(int(p) != 0 for p in a.padding)
 
 
 _ELEMENTWISE = ("relax.add", "relax.subtract", "relax.multiply", "relax.maximum", "relax.minimum", "relax.nn.relu",
@@ -106,7 +133,8 @@ _ELEMENTWISE = ("relax.add", "relax.subtract", "relax.multiply", "relax.maximum"
 
 def depthwise_after(func: relax.Function, keys_int8: set[str]) -> list[str]:
     """Keys of the NHWC depthwise convs whose input comes, through elementwise ops only (bias,
-    ReLU / ReLU6), from one of the int8 dense bindings ``keys_int8``."""
+    ReLU / ReLU6), from one of the int8 dense bindings ``keys_int8`` or from a (non-grouped) fp32
+    conv such as a network's stem: the producer writes 8-bit codes in its epilogue."""
     values, keys = {}, binding_keys(func)
     for block in func.body.blocks:
         for b in block.bindings:
@@ -122,10 +150,13 @@ def depthwise_after(func: relax.Function, keys_int8: set[str]) -> list[str]:
         for _ in range(16):
             if not isinstance(x, relax.Var) or x not in values:
                 break
-            if keys.get(x) in keys_int8:
+            v = values[x]
+            # an fp32 conv (a stem kxk conv) quantizes its output in its epilogue just as well
+            stem = isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.nn.conv2d" \
+                and int(v.attrs.groups) == 1
+            if keys.get(x) in keys_int8 or stem:
                 out.append(keys[var])
                 break
-            v = values[x]
             if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name in _ELEMENTWISE):
                 break
             x = next((a for a in v.args if isinstance(a, relax.Var)), None)
@@ -196,6 +227,19 @@ class _Int8Rewriter(relax.PyExprMutator):
                                [int(v) for v in a.padding], 1.0, zp, primfunc_name_hint="depthwise_conv2d_u8"))
         return relax.op.multiply(y, relax.const((sw * sx).astype(np.float32)))
 
+    def _im2col(self, q, call, zp: int):
+        """codes [B, H, W, C] -> patches [M, kh*kw*Cp]: pad (fuses with the quantize), im2col, view."""
+        bb, a = self.builder_, call.attrs
+        kh, kw, cin, _ = _shape(call.args[1])
+        cp = im2col_channels(cin, kw)
+        p = bb.emit(bb.call_te(pad_codes_te, q, [int(v) for v in a.padding], cp, zp, primfunc_name_hint="pad_codes"))
+        ps = _shape(p)
+        f = im2col_primfunc(ps, self.act_dtype, kh, kw, [int(v) for v in a.strides])
+        gv = bb.add_func(f, "im2col")
+        b, oh, ow, _ = _shape(call)
+        cols = bb.emit(relax.call_tir(gv, [p], relax.TensorType((b * oh, ow, kh, kw * cp), self.act_dtype)))
+        return bb.emit(relax.op.reshape(cols, [b * oh * ow, kh * kw * cp]))
+
     def __init__(self, mod, plan, lanes, act_dtype):
         super().__init__(mod)
         # binding key ("index:name") -> {"mode": "static" | "depthwise_8bit_input", "lo", "hi"} | {"mode": "dynamic"}
@@ -229,6 +273,14 @@ class _Int8Rewriter(relax.PyExprMutator):
         m = int(np.prod(out_shape[:-1]))
         wq, sw = quantize_weight(w_nk)
         n_pad = -n % lanes
+        im2col = _is_im2col(call)
+        if im2col and spec["mode"] != "static":
+            return None
+        if im2col:  # K = (r, s, c) with c padded to Cp (compute.im2col_channels): zero weights there
+            kh, kw, cin, _ = _shape(call.args[1])
+            cp = im2col_channels(cin, kw)
+            wq = np.pad(wq.reshape(n, kh, kw, cin), ((0, 0), (0, 0), (0, 0), (0, cp - cin))).reshape(n, -1)
+            k = wq.shape[1]
         wq_p = np.pad(wq, ((0, n_pad), (0, 0)))
         colsum = wq.astype(np.int64).sum(axis=1)
         x2 = x  # quantized in its own N-D shape (so it fuses into its producer), then viewed as [M, K]
@@ -253,7 +305,10 @@ class _Int8Rewriter(relax.PyExprMutator):
             q = bb.emit(relax.op.astype(t, dt))
             row_scale = bb.emit(relax.op.reshape(row_scale, [m, 1]))
             col_scale = sw
-        q = bb.emit(relax.op.reshape(q, [m, k]))
+        if im2col:
+            q = self._im2col(q, call, zp)
+        else:
+            q = bb.emit(relax.op.reshape(q, [m, k]))
         acc = bb.emit(bb.call_te(dense_int8_te, q, relax.const(pack_weight(wq_p, lanes)), lanes, primfunc_name_hint="dense_int8"))
         if n_pad:
             acc = bb.emit(relax.op.strided_slice(acc, axes=[1], begin=[0], end=[n]))
@@ -278,7 +333,7 @@ def rewrite(mod, plan: dict, lanes: int, act_dtype: str):
     rw.builder_.update_func(gv, rw.visit_expr(mod[gv]))
     out = rw.builder_.get()
     out = relax.transform.DeadCodeElimination()(out)
-    return sink_reshapes(out), rw.done
+    return fold_requantize(sink_reshapes(out)), rw.done
 
 
 # ------------------------------------------------------------------ reshape sinking
@@ -421,3 +476,145 @@ def sink_reshapes(mod, rounds: int = 8):
             break
     return mod
 
+
+
+# ------------------------------------------------------------------ requantize folding
+# After the rewrite, an int8 layer's epilogue is a chain of per-channel elementwise ops ending
+# in the next layer's quantize, e.g. (MobileNet's expand conv)
+#     astype(min(max(round(min(max(float(acc) * s + b, 0), 6) * (1/sx)), 0), 255), uint8)
+# Every op is monotone with positive scales, so the chain is one affine map and one clamp:
+#     clamp(round(A * x + B), lo, hi)
+# (round(clamp(t, a, b)) == clamp(round(t), round(a), round(b)) since round is monotone). On
+# uint8 (x86) the round goes too: with lo >= 0, trunc(clamp(t + 0.5, lo, hi)) is
+# floor(t + 0.5) clamped, and the float -> uint8 cast truncates; this also keeps the epilogue in
+# 512-bit registers (LLVM splits a 16-lane nearbyint into two 256-bit halves on x86-64-v4).
+
+def _chain_const(c, n: int):
+    """c as a float64 scalar or [n] array when it broadcasts only along the last axis, else None."""
+    if not isinstance(c, _CONST):
+        return None
+    a = _const_np(c)
+    if a.ndim == 0 or a.size == 1:
+        return np.float64(a.reshape(()))
+    if a.shape[-1] == n and a.size == n:
+        return a.reshape(n).astype(np.float64)
+    return None
+
+
+@relax.expr_functor.mutator
+class _FoldRequantize(relax.PyExprMutator):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.bound = {}  # original var -> original value
+        self.uses = {}  # original var -> how many times the function reads it
+        self.changed = 0
+
+    def visit_var_binding_(self, binding):
+        self.bound[binding.var] = binding.value
+        new = self._fold(binding.value)
+        if new is None:
+            return super().visit_var_binding_(binding)
+        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+        self.set_var_remap(binding.var, emit(self.visit_expr(new), name_hint=binding.var.name))
+        self.changed += 1
+
+    def _fold(self, call):
+        if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.astype"):
+            return None
+        dt = str(call.attrs.dtype)
+        if dt not in ("uint8", "int8") or _dtype(call.args[0]) != "float32":
+            return None
+        shape = _shape(call)
+        if not shape:
+            return None
+        n = shape[-1]
+        ops, x = [], call.args[0]
+        # walk back through single-use bindings only: a value something else reads (a residual
+        # branch's fp32 output) stays where it is, and the chain starts from it
+        while isinstance(x, relax.Var) and x in self.bound and self.uses.get(x, 0) == 1:
+            v = self.bound[x]
+            if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op)) or _shape(v) != shape:
+                break
+            name = v.op.name
+            if name in ("relax.round", "relax.nn.relu"):
+                ops.append((name, None))
+                x = v.args[0]
+                continue
+            if name not in ("relax.add", "relax.subtract", "relax.multiply", "relax.maximum", "relax.minimum"):
+                break
+            a, b = v.args
+            c = _chain_const(b, n)
+            if c is None and name != "relax.subtract":
+                a, b = b, a
+                c = _chain_const(b, n)
+            if c is None or not isinstance(a, relax.Var) or _shape(a) != shape:
+                break
+            ops.append((name, c))
+            x = a
+        ops.reverse()
+        if sum(o == "relax.round" for o, _ in ops) != 1 or len(ops) < 3:
+            return None
+        A, B, lo, hi, rounded = np.float64(1.0), np.float64(0.0), np.float64(-np.inf), np.float64(np.inf), False
+        for name, c in ops:
+            if name == "relax.multiply":
+                if rounded or np.any(c <= 0):
+                    return None
+                A, B, lo, hi = A * c, B * c, lo * c, hi * c
+            elif name in ("relax.add", "relax.subtract"):
+                c = c if name == "relax.add" else -c
+                if rounded and np.any(c != np.round(c)):
+                    return None
+                B, lo, hi = B + c, lo + c, hi + c
+            elif name in ("relax.maximum", "relax.nn.relu"):
+                c = np.float64(0.0) if c is None else c
+                lo, hi = np.maximum(lo, c), np.maximum(hi, c)
+            elif name == "relax.minimum":
+                lo, hi = np.minimum(lo, c), np.minimum(hi, c)
+            else:  # round
+                lo, hi, rounded = np.round(lo), np.round(hi), True
+        qmin, qmax = (0, 255) if dt == "uint8" else (-128, 127)
+        if np.any(lo < qmin) or np.any(hi > qmax) or np.any(lo > hi):
+            return None  # the cast would wrap: leave it as written
+        f32 = "float32"
+
+        def const(v):
+            v = np.asarray(v, np.float32)
+            return relax.const(v if v.ndim else v.reshape(()), f32)
+
+        t = x if np.all(A == 1.0) else relax.op.multiply(x, const(A))
+        trunc = dt == "uint8" and np.all(lo >= 0)
+        if trunc:
+            B = B + 0.5  # floor(t + 0.5) == round(t) up to ties; the cast truncates, lo >= 0
+        if np.any(B != 0):
+            t = relax.op.add(t, const(B))
+        if not trunc:
+            t = relax.op.round(t)
+        lo_c = const(lo if np.ndim(lo) else float(lo))
+        hi_c = const(hi if np.ndim(hi) else float(hi))
+        t = relax.op.minimum(relax.op.maximum(t, lo_c), hi_c)
+        return relax.op.astype(t, dt)
+
+
+def _use_counts(func: relax.Function) -> dict:
+    counts = {}
+
+    def visit(e):
+        if isinstance(e, relax.Var):
+            counts[e] = counts.get(e, 0) + 1
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            relax.analysis.post_order_visit(b.value, visit)
+    relax.analysis.post_order_visit(func.body.body, visit)
+    return counts
+
+
+def fold_requantize(mod):
+    """Fold each elementwise chain that ends in a cast to (u)int8 into multiply-add + clamp (+ round)."""
+    fr = _FoldRequantize(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            fr.uses = _use_counts(func)
+            fr.builder_.update_func(gv, fr.visit_expr(func))
+    out = fr.builder_.get()
+    return relax.transform.DeadCodeElimination()(out)

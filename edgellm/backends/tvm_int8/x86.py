@@ -35,8 +35,10 @@ LANES = 16
 #: rows x column-vectors of int32 accumulators kept in zmm registers (32 architectural)
 MAX_ACC = 24
 #: below this many multiply-adds the dense runs on one thread: waking the pool costs more
-#: than it saves (kws-cnn's 500x64x64: 9.8 us on one thread, 15 us on two)
-PARALLEL_MIN_MACS = int(os.environ.get("EDGELLM_INT8_PARALLEL_MIN_MACS", str(1 << 22)))
+#: than it saves (kws-cnn's 500x64x64: 9.8 us on one thread, 15 us on two); a GEMV counts 4x
+#: (MobileNet's 1280x1000 classifier: 11.1 us on one thread, 5.5 on two; its 784x144x32
+#: project conv 7.9 -> 6.4 us, 196x192x64 5.2 -> 4.3 us)
+PARALLEL_MIN_MACS = int(os.environ.get("EDGELLM_INT8_PARALLEL_MIN_MACS", str(1 << 21)))
 
 
 def _register_intrinsics() -> None:
@@ -69,11 +71,14 @@ def _register_intrinsics() -> None:
             T.writes(C[0:16])
             # LLVM >= 18 declares vpdpbusd.512 as (<16 x i32>, <64 x i8>, <64 x i8>); TVM's own
             # dot_16x4_vnni still passes <16 x i32> operands and fails LLVM's verifier
-            A_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            A_u8x64 = T.reinterpret(T.broadcast(A_i32, 16), dtype="uint8x64")
+            # one expression, no named temporaries: TVMScript turns those into local buffers, which
+            # lower to a TVMBackendAllocWorkspace / Free pair per call (per register tile in the
+            # parallel loop), not registers
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"), A_u8x64, B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64"),
+                B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
     @T.prim_func(s_tir=True)
     def avx512(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
@@ -81,12 +86,13 @@ def _register_intrinsics() -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
-            A_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            A_u8x64 = T.reinterpret(T.broadcast(A_i32, 16), dtype="uint8x64")
-            red = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
-                                          A_u8x64, B.vload([0, 0], dtype="int8x64"), dtype="int16x32")
             C[T.ramp(T.int32(0), 1, 16)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"), red, T.int16x32(1), dtype="int32x16")
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64"),
+                    B.vload([0, 0], dtype="int8x64"), dtype="int16x32"),
+                T.int16x32(1), dtype="int32x16")
 
     TensorIntrin.register(INTRIN_VNNI, desc, vnni, override=True)
     TensorIntrin.register(INTRIN_AVX512, desc, avx512, override=True)

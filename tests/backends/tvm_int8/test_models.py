@@ -72,10 +72,10 @@ def test_kws_int8_build_with_max_drop(tmp_path):
     comp = res.manifest["compression"]
     q = comp["quantize"]
     assert q["mode"] == "int8" and q["activation_mode"] == "static" and q["calibration_samples"] > 0
-    assert q["layers_int8"] == 5  # 4 pointwise convs + the classifier
-    assert q["layers_fp32"] == {"conv2d: 10x4 conv (only 1x1 stride-1 convs are int8 dense)": 1, "conv2d: depthwise": 4}
-    # the 3 depthwise convs after a pointwise int8 dense read its output as uint8 (the first follows the fp32 stem)
-    assert q["depthwise_8bit_input"].startswith("3 of the depthwise convs")
+    assert q["layers_int8"] == 6  # the 10x4 stem (im2col), 4 pointwise convs, the classifier
+    assert q["layers_fp32"] == {"conv2d: depthwise": 4}
+    # every depthwise conv reads its producer's (the stem's or a pointwise conv's) output as uint8
+    assert q["depthwise_8bit_input"].startswith("4 of the depthwise convs")
     assert comp["evaluation"]["status"] == "measured" and comp["evaluation"]["drop_pp"] <= 5.0
     with zipfile.ZipFile(res.path) as z, tempfile.TemporaryDirectory() as tmp:
         z.extract("model.so", tmp)
@@ -94,8 +94,8 @@ def test_mobilenet_v2_int8_accuracy_and_size():
     stats, ratio, count, info = int8_vs_fp32("mobilenet-v2")
     assert stats["top1"] >= 0.9 and stats["cosine_mean"] >= 0.99
     assert ratio <= 0.35 and count > 0
-    assert info["layers_int8"] == 35  # every 1x1 conv + the classifier
-    assert info["depthwise_8bit_input"].startswith("16 of")  # all but the one after the fp32 stem
+    assert info["layers_int8"] == 36  # the 3x3 stem (im2col), every 1x1 conv, the classifier
+    assert info["depthwise_8bit_input"].startswith("17 of")  # all of them
 
 
 @pytest.mark.slow
