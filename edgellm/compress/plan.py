@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 
 from edgellm.errors import EdgeError
 
+NEEDS_CALIB = ("static int8 needs calibration data",
+               "give --calib a folder or .npz of real inputs (or --calib random, and accuracy figures mean nothing)")
+
 # Verification tolerance for int8 builds (max error relative to the output scale, on the example input).
 # Measured: kws-cnn 4e-4, mobilenet-v2 2e-3, MiniLM ~3e-2; the real accuracy gate is --max-drop on the eval set.
 INT8_TOLERANCE = 0.1
@@ -73,9 +76,10 @@ class Plan:
         from edgellm.compress.quantize import check
 
         check(backend, self.quantize)
-        if self.quantize == "int8" and self.calib is None:  # after the backend check: that is the first thing to fix
-            raise EdgeError("static int8 needs calibration data",
-                            "give --calib a folder or .npz of real inputs (or --calib random, and accuracy figures mean nothing)")
+        # after the backend check: that is the first thing to fix. TVM decides static or dynamic int8 from the
+        # graph (transformer encoders: dynamic, no calibration), so it raises the same error itself when static
+        if self.quantize == "int8" and self.calib is None and backend != "tvm":
+            raise EdgeError(*NEEDS_CALIB)
 
     def keep_reference(self, src) -> None:
         """Keep a runner of the original fp32 model (the evaluation reference) before anything changes it."""
@@ -114,7 +118,7 @@ class Plan:
         return self._note
 
     def options(self) -> dict:
-        return {"quantize": self.quantize, "calibration": self._calib} if self.quantize else {}
+        return {"quantize": self.quantize, "calibration": self._calib, "calibration_given": self.calib is not None} if self.quantize else {}
 
     def tolerance(self, tolerance: float) -> float:
         return max(tolerance, INT8_TOLERANCE) if self.quantize else tolerance

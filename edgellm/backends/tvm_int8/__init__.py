@@ -71,6 +71,11 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
                         "build for --target x86_64-avx512 or arm64, or use --backend openvino for int8")
     lanes, act_dtype = pk
     transformer = _is_transformer(mod)  # before layout_passes (FastMath turns softmax into a call_tir)
+    mode = options.get("int8_activations") or ("dynamic" if transformer else "static")
+    if mode == "static" and options.get("calibration_given") is False:  # dynamic int8 needs no --calib
+        from edgellm.compress.plan import NEEDS_CALIB
+
+        raise EdgeError(*NEEDS_CALIB)
     with tvm_target:
         mod = layout_passes(mod)
     cands = activation_inputs(mod["main"])
@@ -84,7 +89,6 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
     if not chosen:
         raise EdgeError("no layer of this model can run in int8 with TVM (no 1x1 conv or matmul with constant weights)",
                         "use --backend openvino for int8, or build fp32")
-    mode = options.get("int8_activations") or ("dynamic" if transformer else "static")
     samples = options.get("calibration") or []
     dw = []
     if mode == "static":

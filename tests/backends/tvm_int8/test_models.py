@@ -110,3 +110,13 @@ def test_minilm_dynamic_int8_real_sentences():
     assert info["activation_mode"] == "dynamic" and info["layers_int8"] == 36
     assert stats["cosine_mean"] >= 0.99 and stats["cosine_min"] >= 0.98
     assert ratio <= 0.35 and count > 0
+
+
+def test_dynamic_int8_builds_without_calibration(tmp_path):
+    """An attention-style model (matmul + softmax) gets dynamic int8, which calibrates nothing: no --calib
+    needed (a CNN without --calib is refused: test_integration.test_cli_errors)."""
+    tiny = Path(__file__).resolve().parents[1] / "tvm_cuda" / "models" / "tiny_matmul.py"
+    res = api.build(f"{tiny}:build", "host", tmp_path / "t.edgepkg", backend="tvm", quantize="int8")
+    q = res.manifest["compression"]["quantize"]
+    assert q["activation_mode"] == "dynamic" and q["calibration_samples"] == 0 and q["layers_int8"] >= 1
+    assert res.manifest["verification"]["status"] == "passed"
