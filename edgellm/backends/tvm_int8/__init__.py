@@ -29,9 +29,11 @@ from edgellm.errors import EdgeError
 def int8_rules() -> list:
     """Schedule rules for the packed int8 dense: x86 AVX-512 VNNI and arm64 (sdot / NEON); each declines other targets."""
     from .arm import arm_rules
+    from .depthwise import DepthwiseU8X86
+    from .schedule import Im2col
     from .x86 import PackedDenseX86
 
-    return [PackedDenseX86(), *arm_rules()]
+    return [Im2col(), PackedDenseX86(), DepthwiseU8X86(), *arm_rules()]
 
 
 def _arm_isa(target) -> str:
@@ -107,7 +109,12 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
         plan.update({n: {"mode": "depthwise_8bit_input", "lo": ranges[n][0], "hi": ranges[n][1]} for n in dw})
     else:
         plan = {n: {"mode": "dynamic"} for n in chosen}
-    new, done = rewrite(mod, plan, lanes, act_dtype)
+    rw_stats: dict = {}
+    new, done = rewrite(mod, plan, lanes, act_dtype, stats=rw_stats,
+                        # u8-input depthwise convs in integer arithmetic on x86 VNNI (depthwise.py; kws-cnn
+                        # 4.7 -> 3.1 us a conv on 2 threads); option int8_depthwise_int=False: the f32 kernel
+                        int_depthwise=options.get("int8_depthwise_int", True))
+    n_int_dw = rw_stats.get("int_depthwise", 0)
     new, tables = quantize_embeddings(new)
     isa = "avx512-vnni vpdpbusd" if lanes == 16 else "arm64 " + _arm_isa(tvm_target)
     info = {
@@ -119,7 +126,10 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
         "compute": f"{act_dtype[0]}8 x s8 -> s32 ({isa}), dequantize + bias + activation fused in the epilogue",
         "layers_int8": len([k for k in done if k not in dw]),
         **({"depthwise_8bit_input": f"{len([k for k in done if k in dw])} of the depthwise convs read 8-bit activations "
-                                    "and int8 per-channel weights (decoded in the conv; f32 arithmetic)"} if dw else {}),
+                                    "and int8 per-channel weights (" + (
+                                        f"{n_int_dw} in integer arithmetic: u8 x s8 -> s32 vpdpbusd over tap quads"
+                                        + ("; the others decoded in the conv, f32 arithmetic" if n_int_dw < len([k for k in done if k in dw]) else "")
+                                        if n_int_dw else "decoded in the conv; f32 arithmetic") + ")"} if dw else {}),
         "layers_fp32": dict(left) | ({"not rewritten": len(chosen) + len(dw) - len(done)} if len(done) < len(chosen) + len(dw) else {}),
         **({"embeddings": {"tables": tables, "how": "int8 per row, symmetric (weight-only; gathered rows dequantized)"}}
            if tables else {}),

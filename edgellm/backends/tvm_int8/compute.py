@@ -27,6 +27,8 @@ import numpy as np
 
 #: the PrimFunc attribute that marks the packed int8 dense for the schedule rules
 ATTR = "edgellm.int8_dense"
+#: the PrimFunc attribute of ``im2col_primfunc`` (``schedule.Im2col`` schedules it)
+ATTR_IM2COL = "edgellm.im2col"
 
 
 def dense_int8_te(A, W, lanes: int, name: str = "dense_int8"):
@@ -91,10 +93,14 @@ def has_vnni(target) -> bool:
         "rocketlake", "sapphirerapids", "graniterapids", "emeraldrapids", "znver4", "znver5")
 
 
-def depthwise_dq_te(Q, W, strides, padding, scale: float, zero_point: int, name: str = "depthwise_conv2d_nhwc"):
+def depthwise_dq_te(Q, W, strides, padding, scale: float, zero_point: int, name: str = "depthwise_conv2d_nhwc",
+                    pad_value: float = 0.0):
     """NHWC depthwise conv reading 8-bit codes: ``pad_temp`` decodes ``(q - zp) * scale`` to f32
     (0 in the border), then the usual f32 multiply-accumulate with ``W [kh, kw, 1, C]`` (f32, or
     int8 codes converted in the loop; then the per-channel weight scale goes in the epilogue).
+    ``pad_value``: the border value; the rewrite passes ``zero_point=0, pad_value=zp`` (the border
+    is the code of real 0) and subtracts ``zp * sum(W)`` per channel in the epilogue: the decode is
+    then a bare u8 -> f32 convert, and the f32 sums stay exact integers (|sum| < 2^24).
 
     The same two blocks as Relax's legalized depthwise conv (pad + reduction), so the fp32
     depthwise schedule rule takes it; the activations cross memory as 8 bits, not 32."""
@@ -110,7 +116,7 @@ def depthwise_dq_te(Q, W, strides, padding, scale: float, zero_point: int, name:
         lambda b, h, w, c: tirx.if_then_else(
             tirx.all(h >= pt, h < H + pt, w >= pl, w < Wd + pl),
             (Q[b, h - pt, w - pl, c].astype("float32") - float(zero_point)) * float(scale),
-            tirx.const(0.0, "float32")),
+            tirx.const(pad_value, "float32")),
         name="pad_temp")
     OH, OW = (Hp - KH) // sh + 1, (Wp - KW) // sw + 1
     rh = te.reduce_axis((0, KH), name="rh")
@@ -164,5 +170,5 @@ def im2col_primfunc(shape, dtype: str, kh: int, kw: int, strides):
         (B * OH, OW, kh, kw * Cp),
         lambda bo, ow, r, sc: P[bo // OH, (bo % OH) * sh + r, ow * sw + sc // Cp, sc % Cp],
         name="im2col")
-    f = te.create_prim_func([P, out]).with_attr("op_pattern", 8)  # kOpaque
+    f = te.create_prim_func([P, out]).with_attr("op_pattern", 8).with_attr(ATTR_IM2COL, True)  # kOpaque
     return f.without_attr("global_symbol") if hasattr(f, "without_attr") else f.with_attr("global_symbol", "im2col")

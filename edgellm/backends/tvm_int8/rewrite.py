@@ -42,10 +42,12 @@ activation matmuls (attention).
 
 from __future__ import annotations
 
+
 import numpy as np
 import tvm
 from tvm import relax
 
+from . import depthwise as dw_int
 from .compute import dense_int8_te, depthwise_dq_te, im2col_channels, im2col_primfunc, pack_weight, pad_codes_te
 
 _CONST = tuple(c for c in (getattr(tvm.ir, "GenericConst", None), getattr(relax, "Constant", None)) if c is not None)
@@ -223,8 +225,27 @@ class _Int8Rewriter(relax.PyExprMutator):
         absmax = np.abs(w).max(axis=(0, 1, 2))
         sw = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
         wq = np.clip(np.round(w / sw), -127, 127).astype(np.int8)
+        kh, kw, _, c = wq.shape
+        if dt == "uint8" and self.int_depthwise and dw_int.supported(kw, c, a.dilation):
+            # integer arithmetic (vpdpbusd over tap quads, depthwise.py): exact int32 sums, then
+            # acc * s[c] - zp * sum(w[c]) * s[c] (merges with bias / requantize in fold_requantize)
+            acc = bb.emit(bb.call_te(dw_int.depthwise_u8_te, q, relax.const(dw_int.pack_dw_weight(wq)),
+                                     [int(v) for v in a.strides], [int(v) for v in a.padding], kw, zp,
+                                     primfunc_name_hint="depthwise_u8"))
+            self.int_depthwise_done += 1
+            scale = (sw * sx).astype(np.float32)
+            y = relax.op.multiply(relax.op.astype(acc, f32), relax.const(scale))
+            if zp:
+                corr = -float(zp) * wq.astype(np.float64).sum(axis=(0, 1, 2)) * scale
+                y = relax.op.add(y, relax.const(corr.astype(np.float32)))
+            return y
+        # codes convert to f32 as they are (border: zp, the code of 0); zp * sum(w) comes off in the epilogue
         y = bb.emit(bb.call_te(depthwise_dq_te, q, relax.const(wq), [int(v) for v in a.strides],
-                               [int(v) for v in a.padding], 1.0, zp, primfunc_name_hint="depthwise_conv2d_u8"))
+                               [int(v) for v in a.padding], 1.0, 0, pad_value=float(zp),
+                               primfunc_name_hint="depthwise_conv2d_u8"))
+        if zp:
+            corr = (float(zp) * wq.astype(np.float64).sum(axis=(0, 1, 2))).astype(np.float32)
+            y = relax.op.subtract(y, relax.const(corr))
         return relax.op.multiply(y, relax.const((sw * sx).astype(np.float32)))
 
     def _im2col(self, q, call, zp: int):
@@ -240,8 +261,10 @@ class _Int8Rewriter(relax.PyExprMutator):
         cols = bb.emit(relax.call_tir(gv, [p], relax.TensorType((b * oh, ow, kh, kw * cp), self.act_dtype)))
         return bb.emit(relax.op.reshape(cols, [b * oh * ow, kh * kw * cp]))
 
-    def __init__(self, mod, plan, lanes, act_dtype):
+    def __init__(self, mod, plan, lanes, act_dtype, int_depthwise=True):
         super().__init__(mod)
+        self.int_depthwise = int_depthwise
+        self.int_depthwise_done = 0  # depthwise convs rewritten to integer arithmetic
         # binding key ("index:name") -> {"mode": "static" | "depthwise_8bit_input", "lo", "hi"} | {"mode": "dynamic"}
         self.plan = plan
         self.lanes = lanes
@@ -324,15 +347,19 @@ class _Int8Rewriter(relax.PyExprMutator):
         return relax.op.reshape(bb.emit(y), out_shape)
 
 
-def rewrite(mod, plan: dict, lanes: int, act_dtype: str):
+def rewrite(mod, plan: dict, lanes: int, act_dtype: str, int_depthwise: bool = True, stats: dict | None = None):
     """(new module, keys rewritten): ``plan`` maps binding keys (``binding_keys``) of candidate calls
-    in ``main`` to their activation quantization (see ``_Int8Rewriter``)."""
-    rw = _Int8Rewriter(mod, plan, lanes, act_dtype)
+    in ``main`` to their activation quantization (see ``_Int8Rewriter``). ``int_depthwise``: u8-input
+    depthwise convs in integer arithmetic (x86 VNNI, ``depthwise.py``) instead of f32 (``stats``, when
+    given, gets ``int_depthwise``: how many)."""
+    rw = _Int8Rewriter(mod, plan, lanes, act_dtype, int_depthwise)
     gv = mod.get_global_var("main")
     rw.keys = binding_keys(mod[gv])
     rw.builder_.update_func(gv, rw.visit_expr(mod[gv]))
     out = rw.builder_.get()
     out = relax.transform.DeadCodeElimination()(out)
+    if stats is not None:
+        stats["int_depthwise"] = rw.int_depthwise_done
     return fold_requantize(sink_reshapes(out)), rw.done
 
 

@@ -38,7 +38,7 @@ MAX_ACC = 24
 #: than it saves (kws-cnn's 500x64x64: 9.8 us on one thread, 15 us on two); a GEMV counts 4x
 #: (MobileNet's 1280x1000 classifier: 11.1 us on one thread, 5.5 on two; its 784x144x32
 #: project conv 7.9 -> 6.4 us, 196x192x64 5.2 -> 4.3 us)
-PARALLEL_MIN_MACS = int(os.environ.get("EDGELLM_INT8_PARALLEL_MIN_MACS", str(1 << 21)))
+PARALLEL_MIN_MACS = int(os.environ.get("EDGELLM_INT8_PARALLEL_MIN_MACS", str(1 << 20)))
 
 
 def _register_intrinsics() -> None:

@@ -82,6 +82,28 @@ def test_kws_int8_build_with_max_drop(tmp_path):
         assert _vpdpbusd(Path(tmp) / "model.so") > 0
 
 
+@pytest.mark.skipif(not VNNI, reason="the integer depthwise kernel needs AVX-512 VNNI")
+def test_kws_int8_with_integer_depthwise(tmp_path):
+    """On x86 VNNI the 4 depthwise convs run u8 x s8 -> s32 (vpdpbusd over tap quads); the
+    build's evaluation vs fp32 keeps top-1 (the kernel itself is exact: test_depthwise_int.py)."""
+    res = api.build("zoo:kws-cnn", "host", tmp_path / "kws.edgepkg", backend="tvm", quantize="int8", calib="random",
+                    eval="random", max_drop=5.0)
+    comp = res.manifest["compression"]
+    assert "4 in integer arithmetic" in comp["quantize"]["depthwise_8bit_input"]
+    assert comp["evaluation"]["status"] == "measured" and comp["evaluation"]["drop_pp"] <= 5.0
+    fp32 = api.build("zoo:kws-cnn", "host", tmp_path / "f.edgepkg", backend="tvm").path
+    traced = trace(source.load("zoo:kws-cnn"))
+    names = [s.name for s in traced.inputs]
+    held_out = random_samples(traced.inputs, 16, 9000)
+    from edgellm import runtime
+
+    a = runtime.load(res.path, threads=1)._engine
+    b = runtime.load(fp32, threads=1)._engine
+    stats = evaluate(engine_runner(a, names), engine_runner(b, names), held_out, [s.name for s in traced.outputs])
+    stats = stats["outputs"][traced.outputs[0].name]
+    assert stats["top1"] >= 0.9 and stats["cosine_mean"] >= 0.99
+
+
 @pytest.mark.slow
 def test_kws_cnn_int8_accuracy():
     stats, _, count, _ = int8_vs_fp32("kws-cnn")
