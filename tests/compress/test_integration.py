@@ -1,6 +1,7 @@
 """api.build / CLI with compression: active once the snippets from edgellm/compress/plan.py are in api.py and cli.py."""
 
 import inspect
+import json
 
 import pytest
 
@@ -65,3 +66,6 @@ def test_cli_prune_then_build(tmp_path):
     assert "params 23.2k -> 12.4k" in (r.stdout + r.stderr).replace("\n", " ") and out.exists()
     r = run_cli("build", str(out), "--backend", "openvino", "-o", str(tmp_path / "kp.edgepkg"))
     assert r.returncode == 0, r.stderr
+    r = run_cli("prune", "zoo:kws-cnn", "--ratio", "0.3", "--round-to", "16", "--json", "-o", str(tmp_path / "r.pt2"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["round_to"] == 16  # 64 -> 48 channels: test_prune.test_round_to_keeps_the_nearest_multiple
