@@ -294,6 +294,31 @@ def split_around_reduction(sch, block):
     return producers, remaining
 
 
+def accumulate_in_registers(sch, block, at_loop, epilogues):
+    """(write-back block, epilogues left): ``block`` accumulates into a local tile written back under
+    ``at_loop``, with the ``epilogues`` (bias, activation, requantize) inlined into that write-back;
+    those that cannot be inlined are returned, to get loop nests of their own."""
+    wb = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(wb, at_loop, preserve_unit_loops=True)
+    leftover = []
+    for b in epilogues:
+        try:
+            sch.reverse_compute_inline(b)
+        except Exception:  # pylint: disable=broad-except
+            leftover.append(b)
+    return wb, leftover
+
+
+def vectorize_by(sch, loop, lanes: int) -> None:
+    """Vectorize ``loop`` ``lanes`` wide when its extent is a multiple of ``lanes`` (split first when longer)."""
+    ext = static_extent(sch, loop)
+    if ext % lanes == 0 and ext > lanes:
+        _, loop = sch.split(loop, factors=[None, lanes])
+    elif ext != lanes:
+        return
+    sch.vectorize(loop)
+
+
 def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, max_mr=8, max_nv=4,
                              weight_outer=None, producers_at_tile=False,
                              unroll_reduction=False):
@@ -343,24 +368,10 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
     sch.reorder(*tile_loops, *red, *inner)
 
     # 3. local accumulator + write-back with inlined epilogues
-    wb = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(wb, tile_loops[-1], preserve_unit_loops=True)
-    leftover = []
-    for b in remaining:
-        try:
-            sch.reverse_compute_inline(b)
-        except Exception:  # pylint: disable=broad-except
-            leftover.append(b)
-
+    wb, leftover = accumulate_in_registers(sch, block, tile_loops[-1], remaining)
     wb_loops = sch.get_loops(wb)[len(tile_loops):]
     if wb_loops:
-        last = wb_loops[-1]
-        ext = static_extent(sch, last)
-        if ext % vl == 0 and ext > vl:
-            _, wv = sch.split(last, factors=[None, vl])
-            sch.vectorize(wv)
-        elif ext == vl:
-            sch.vectorize(last)
+        vectorize_by(sch, wb_loops[-1], vl)
 
     # producers (padding) computed per tile: only for ops without reuse across tiles
     # (depthwise), where materializing the whole padded input costs a full memory pass

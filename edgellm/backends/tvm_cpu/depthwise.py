@@ -29,6 +29,7 @@ from ._common import (
     SafeRule,
     TileInfo,
     _linear_coef,
+    accumulate_in_registers,
     dtype_bits,
     largest_pow2_divisor,
     schedule_injective,
@@ -36,6 +37,7 @@ from ._common import (
     split_around_reduction,
     static_extent,
     uses_var,
+    vectorize_by,
 )
 from .matmul import _is_multiply_accumulate, find_single_reduction
 from .target_info import num_vector_registers, vector_bits
@@ -134,22 +136,8 @@ def schedule_depthwise(sch, func, target, main_info, tile: TileInfo):
         inner_rows = [hi]
     sch.reorder(*outer, co, *inner_rows, wo, *red, wi, cio, cii)
 
-    wb = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(wb, wo, preserve_unit_loops=True)
-    leftover = []
-    for b in remaining:
-        try:
-            sch.reverse_compute_inline(b)
-        except Exception:  # pylint: disable=broad-except
-            leftover.append(b)
-    wb_loops = sch.get_loops(wb)
-    last = wb_loops[-1]
-    ext = static_extent(sch, last)
-    if ext % vl == 0 and ext > vl:
-        _, wv = sch.split(last, factors=[None, vl])
-        sch.vectorize(wv)
-    elif ext == vl:
-        sch.vectorize(last)
+    wb, leftover = accumulate_in_registers(sch, block, wo, remaining)
+    vectorize_by(sch, sch.get_loops(wb)[-1], vl)
 
     par = sch.fuse(*outer, co) if outer else co
     at_par = []

@@ -28,7 +28,15 @@ import os
 
 import numpy as np
 
-from edgellm.backends.tvm_cpu._common import NotApplicable, SafeRule, schedule_injective, split_around_reduction, static_extent
+from edgellm.backends.tvm_cpu._common import (
+    NotApplicable,
+    SafeRule,
+    accumulate_in_registers,
+    schedule_injective,
+    split_around_reduction,
+    static_extent,
+    vectorize_by,
+)
 from edgellm.backends.tvm_cpu.matmul import find_single_reduction
 
 LANES = 16
@@ -184,20 +192,8 @@ class DepthwiseU8X86(SafeRule):
             inner_rows = [ohi]
         outer = [loh] if lb is None else [lb, loh]
         sch.reorder(*outer, ct, *inner_rows, owo, lrh, owi, ci, lj)
-        wb = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(wb, owo, preserve_unit_loops=True)
-        leftover = []
-        for b in remaining:
-            try:
-                sch.reverse_compute_inline(b)
-            except Exception:  # noqa: BLE001 -- an epilogue that cannot be inlined runs on its own
-                leftover.append(b)
-        last = sch.get_loops(wb)[-1]
-        ext = static_extent(sch, last)
-        if ext % LANES == 0:
-            if ext > LANES:
-                _, last = sch.split(last, factors=[None, LANES])
-            sch.vectorize(last)
+        wb, leftover = accumulate_in_registers(sch, block, owo, remaining)
+        vectorize_by(sch, sch.get_loops(wb)[-1], LANES)
 
         par = sch.fuse(*outer, ct)
         # the padded copy per parallel unit (kh rows x Wp4 x 16 bytes: a workspace allocation per unit

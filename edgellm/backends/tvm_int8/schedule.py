@@ -15,9 +15,11 @@ from __future__ import annotations
 from edgellm.backends.tvm_cpu._common import (
     NotApplicable,
     SafeRule,
+    accumulate_in_registers,
     schedule_injective,
     split_around_reduction,
     static_extent,
+    vectorize_by,
 )
 
 
@@ -36,15 +38,6 @@ def choose_tile(m: int, n_vectors: int, max_acc: int, max_mr: int = 8, max_nv: i
             if best is None or key > best[0]:
                 best = (key, mr, nv)
     return best[1], best[2]
-
-
-def _try(primitive, *args) -> bool:
-    """Apply a schedule primitive that may legitimately fail (an epilogue that cannot be inlined)."""
-    try:
-        primitive(*args)
-        return True
-    except Exception:  # noqa: BLE001 -- TVM raises a plain TVMError subclass per primitive
-        return False
 
 
 def schedule_packed_dense(sch, main, lanes: int, intrin: str, max_acc: int, *, max_nv_gemv: int = 4,
@@ -77,17 +70,10 @@ def schedule_packed_dense(sch, main, lanes: int, intrin: str, max_acc: int, *, m
     sch.reorder(*tiles, ko, *([mi] if mi is not None else []), nvi, ni, ki)
 
     # accumulator tile in registers; the epilogue on the vectorized write-back
-    wb = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(wb, tiles[-1], preserve_unit_loops=True)
-    leftover = [b for b in remaining if not _try(sch.reverse_compute_inline, b)]
+    wb, leftover = accumulate_in_registers(sch, block, tiles[-1], remaining)
     wb_loops = sch.get_loops(wb)[len(tiles):]
     if wb_loops:
-        ext = static_extent(sch, wb_loops[-1])
-        if ext % lanes == 0 and ext > lanes:
-            _, wv = sch.split(wb_loops[-1], factors=[None, lanes])
-            sch.vectorize(wv)
-        elif ext == lanes:
-            sch.vectorize(wb_loops[-1])
+        vectorize_by(sch, wb_loops[-1], lanes)
 
     # annotations and parallel before decompose_reduction (0.27), tensorize last
     if mi is not None and mr > 1:
