@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgellm import api, targets
+from edgellm.compress.evaluate import wake
 from edgellm.runtime import device
 from edgellm.runtime.accuracy import compare
 
@@ -82,9 +83,6 @@ def _peers(src, traced, threads: int, workdir: Path, int8_samples: list[dict] | 
     return runners
 
 
-WAKE_S = 0.02  # untimed running of an engine before each of its timed blocks
-
-
 def _interleaved(runners: dict, feed: dict, runs: int, warmup: int, rounds: int = 5) -> dict[str, list[float]]:
     """Each engine runs in short blocks, the blocks taking turns: drift in machine load hits every
     engine alike, while a block keeps one engine's thread pool warm and the others' spinning
@@ -96,12 +94,7 @@ def _interleaved(runners: dict, feed: dict, runs: int, warmup: int, rounds: int 
     per_block = max(1, runs // rounds)
     while min(len(v) for v in times.values()) < runs:
         for name, run in runners.items():
-            # wake this engine's threads, and let the last engine's spinning workers give the cores back:
-            # one call was not enough (kws-cnn: ONNX Runtime 0.077 ms right after TVM, 0.124 ms after PyTorch)
-            until = time.perf_counter() + WAKE_S
-            run(feed)
-            while time.perf_counter() < until:
-                run(feed)
+            wake(lambda: run(feed))
             for _ in range(min(per_block, runs - len(times[name]))):
                 t0 = time.perf_counter()
                 run(feed)
