@@ -42,7 +42,6 @@ activation matmuls (attention).
 
 from __future__ import annotations
 
-
 import numpy as np
 import tvm
 from tvm import relax
@@ -102,7 +101,7 @@ def candidate(call) -> tuple[str, np.ndarray | None, str]:
     kh, kw, cin, cout = wt.shape
     if int(a.groups) != 1:
         return "conv2d", None, "depthwise" if int(a.groups) == cout else "grouped"
-    if (kh, kw) != (1, 1) or any(int(s) != 1 for s in a.strides) or any(int(p) != 0 for p in a.padding):
+    if not _is_pointwise(a, kh, kw):
         # a kxk conv with a small patch (a stem: Cin 1 or 3) runs as im2col + int8 dense
         if kh * kw * cin <= IM2COL_MAX_K and all(int(d) == 1 for d in a.dilation) and _dtype(x) == "float32" \
                 and _shape(x) is not None:
@@ -120,13 +119,17 @@ def candidate(call) -> tuple[str, np.ndarray | None, str]:
 IM2COL_MAX_K = 160
 
 
+def _is_pointwise(attrs, kh: int, kw: int) -> bool:
+    """A 1x1 stride-1 unpadded conv: a plain dense over the pixels."""
+    return (kh, kw) == (1, 1) and all(int(s) == 1 for s in attrs.strides) and all(int(p) == 0 for p in attrs.padding)
+
+
 def _is_im2col(call) -> bool:
-    """A conv candidate that is not 1x1 stride 1 unpadded (``candidate`` took it as im2col)."""
+    """A conv candidate that is not pointwise (``candidate`` took it as im2col)."""
     if call.op.name != "relax.nn.conv2d":
         return False
-    a = call.attrs
     kh, kw = (int(d) for d in _shape(call.args[1])[:2])
-    return (kh, kw) != (1, 1) or any(int(s) != 1 for s in a.strides) or any(int(p) != 0 for p in a.padding)
+    return not _is_pointwise(call.attrs, kh, kw)
 
 
 _ELEMENTWISE = ("relax.add", "relax.subtract", "relax.multiply", "relax.maximum", "relax.minimum", "relax.nn.relu",
@@ -227,22 +230,19 @@ class _Int8Rewriter(relax.PyExprMutator):
         wq = np.clip(np.round(w / sw), -127, 127).astype(np.int8)
         kh, kw, _, c = wq.shape
         if dt == "uint8" and self.int_depthwise and dw_int.supported(kw, c, a.dilation):
-            # integer arithmetic (vpdpbusd over tap quads, depthwise.py): exact int32 sums, then
-            # acc * s[c] - zp * sum(w[c]) * s[c] (merges with bias / requantize in fold_requantize)
+            # integer arithmetic (vpdpbusd over tap quads, depthwise.py): exact int32 sums
             acc = bb.emit(bb.call_te(dw_int.depthwise_u8_te, q, relax.const(dw_int.pack_dw_weight(wq)),
                                      [int(v) for v in a.strides], [int(v) for v in a.padding], kw, zp,
                                      primfunc_name_hint="depthwise_u8"))
             self.int_depthwise_done += 1
-            scale = (sw * sx).astype(np.float32)
-            y = relax.op.multiply(relax.op.astype(acc, f32), relax.const(scale))
-            if zp:
-                corr = -float(zp) * wq.astype(np.float64).sum(axis=(0, 1, 2)) * scale
-                y = relax.op.add(y, relax.const(corr.astype(np.float32)))
-            return y
-        # codes convert to f32 as they are (border: zp, the code of 0); zp * sum(w) comes off in the epilogue
-        y = bb.emit(bb.call_te(depthwise_dq_te, q, relax.const(wq), [int(v) for v in a.strides],
-                               [int(v) for v in a.padding], 1.0, 0, pad_value=float(zp),
-                               primfunc_name_hint="depthwise_conv2d_u8"))
+            y = relax.op.astype(acc, f32)
+        else:
+            # codes convert to f32 as they are (border: zp, the code of 0)
+            y = bb.emit(bb.call_te(depthwise_dq_te, q, relax.const(wq), [int(v) for v in a.strides],
+                                   [int(v) for v in a.padding], 1.0, 0, pad_value=float(zp),
+                                   primfunc_name_hint="depthwise_conv2d_u8"))
+        # either way y = sum(code * w): zp * sum(w) comes off, then the scales (fold_requantize merges both
+        # with the bias and the next quantize)
         if zp:
             corr = (float(zp) * wq.astype(np.float64).sum(axis=(0, 1, 2))).astype(np.float32)
             y = relax.op.subtract(y, relax.const(corr))
