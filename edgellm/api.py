@@ -157,9 +157,27 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
           progress: Progress | None = None, prune: float | None = None, prune_mode: str = "structured",
           prune_importance: str = "l2", quantize: str | None = None, calib: str | None = None, eval: str | None = None,
           max_drop: float | None = None, tune: int | None = None, tuning_db: str | Path | None = None,
-          tune_budget: float | None = None, fp16: bool = False, finetune=None) -> BuildResult:
+          tune_budget: float | None = None, fp16: bool = False, finetune=None, weights: str | None = None,
+          max_seq_len: int | None = None) -> BuildResult:
     """source (-> prune) -> trace (-> samples) -> compile -> verify (-> measure, for backend="auto") (-> evaluate)
-    -> package. Writes ``output`` atomically, and nothing when any stage fails."""
+    -> package. Writes ``output`` atomically, and nothing when any stage fails.
+
+    A language model (a .gguf file, a transformers folder, zoo:smollm2-135m) takes edgellm/llm/build.py's path:
+    ``weights`` fp32 / int8 / int4 and ``max_seq_len`` apply there."""
+    from edgellm.llm.source import is_lm_source
+
+    if is_lm_source(source):
+        from edgellm.llm.build import build_lm
+
+        unused = [flag for flag, value in (("--prune", prune), ("--quantize", quantize), ("--calib", calib), ("--tune", tune),
+                                           ("--fp16", fp16), ("--input-shape", input_shapes)) if value]
+        if unused or backend not in ("default", "tvm"):
+            raise EdgeError(f"{unused[0] if unused else '--backend ' + backend} does not apply to a language model",
+                            "language models take --weights fp32|int8|int4, --max-seq-len and --max-drop (TVM backend)")
+        return build_lm(source, target, output, weights=weights or "fp32", max_seq_len=max_seq_len, progress=progress,
+                        max_drop=max_drop, **({"tolerance": tolerance} if tolerance != 1e-4 else {}))
+    if weights or max_seq_len:
+        raise EdgeError("--weights / --max-seq-len are for language models", "give a .gguf file, a transformers folder or zoo:smollm2-135m")
     from edgellm import source as sources
     from edgellm.compress.plan import Plan
     from edgellm.trace import parse_shapes, trace

@@ -120,11 +120,13 @@ def targets(as_json):
 @click.option("--tuning-db", type=click.Path(file_okay=False), metavar="DIR", help="TVM: tuning database, shared across builds and models [default with --tune: ~/.cache/edgellm/tuning/<target>/]; given alone, applies it without tuning")
 @click.option("--tune-budget", type=float, metavar="SECONDS", help="TVM: start no new tuning task after this long")
 @click.option("--fp16", is_flag=True, help="GPU targets: compute in fp16 (fp32 accumulation); verified to cosine >= 0.999")
+@click.option("--weights", type=click.Choice(["fp32", "int8", "int4"]), help="language models: weight compression [default: fp32]")
+@click.option("--max-seq-len", type=click.IntRange(min=16), help="language models: longest prompt + reply the KV cache holds [default: 1024]")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON when done")
 @friendly
 def build(source, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance, finetune,
-          quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, fp16, as_json):
-    """Build SOURCE (model.onnx, program.pt2, file.py:fn or zoo:NAME) into an .edgepkg."""
+          quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, fp16, weights, max_seq_len, as_json):
+    """Build SOURCE (model.onnx, program.pt2, file.py:fn, zoo:NAME; a language model: model.gguf or a transformers folder) into an .edgepkg."""
     from edgellm import api
 
     progress = StageProgress(quiet=as_json)
@@ -132,7 +134,8 @@ def build(source, target, output, backend, input_shapes, pipeline, tolerance, pr
         result = api.build(source, target, output, backend=backend, input_shapes=list(input_shapes),
                            pipeline=pipeline, tolerance=tolerance, progress=progress, prune=prune, prune_mode=prune_mode,
                            prune_importance=prune_importance, quantize=quantize, calib=calib, eval=eval_set, max_drop=max_drop,
-                           tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16, finetune=finetune)
+                           tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16, finetune=finetune,
+                           weights=weights, max_seq_len=max_seq_len)
     finally:
         progress.close()
     _emit(result.manifest, as_json, lambda m: _console().print(

@@ -126,6 +126,11 @@ class Model:
         return {"outputs": stats, "rel_max_abs": worst["rel_max_abs"], "max_abs": worst["max_abs"], "cosine_min": cosine,
                 **contract, "passed": passed}
 
+    def generate(self, *args, **kwargs):
+        raise EdgeError(f"{self.path.name} is not a language model", "call run() or the model itself; build a .gguf or transformers folder for generate()")
+
+    stream = chat = generate
+
     def profile(self, runs: int = 100, warmup: int = 10, per_op: bool = False, inputs: dict | None = None) -> dict:
         """Latency figures in the ``edgellm.profile/1`` schema (docs/profile-schema.md)."""
         from edgellm.runtime.profile import profile
@@ -133,6 +138,13 @@ class Model:
         return profile(self, runs=runs, warmup=warmup, per_op=per_op, inputs=inputs)
 
 
-def load(path: str | Path, threads: int | None = None) -> Model:
-    """Verify a package (checksums, format, architecture, CPU features) and load it."""
+def load(path: str | Path, threads: int | None = None):
+    """Verify a package (checksums, format, architecture, CPU features) and load it: a :class:`Model`, or a
+    :class:`edgellm.runtime.lm.LanguageModel` for a language-model package."""
+    from edgellm.runtime.package import read_manifest
+
+    if read_manifest(path).get("kind") == "llm":
+        from edgellm.runtime.lm import LanguageModel
+
+        return LanguageModel(path, threads=threads)
     return Model(path, threads=threads)
