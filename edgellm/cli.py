@@ -237,20 +237,80 @@ def run(package, inputs, output, threads, as_json):
 
 @main.command()
 @click.argument("package", type=click.Path())
+@click.option("-p", "--prompt", required=True, help="the message (the package's chat template is applied) or, with --raw, the prompt text")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy")
+@click.option("--top-k", default=0, show_default=True, help="0: no top-k cut")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", type=int, help="sampling seed")
+@click.option("--raw", is_flag=True, help="no chat template: continue the prompt text")
+@click.option("--threads", type=int, help="CPU threads [default: all cores]")
+@click.option("--json", "as_json", is_flag=True, help="the reply, its token ids and timings as JSON")
+@friendly
+def generate(package, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, threads, as_json):
+    """Generate text with a language-model PACKAGE, streamed as it is made."""
+    import time
+
+    from edgellm import runtime
+
+    lm = runtime.load(package, threads=threads)
+    from edgellm.runtime.lm import LanguageModel
+
+    if not isinstance(lm, LanguageModel):
+        lm.generate()  # raises: not a language model
+    text = prompt if raw else lm.apply_chat_template([{"role": "user", "content": prompt}])
+    ids = lm.encode(text)
+    t0 = time.perf_counter()
+    tokens, first, shown = [], None, ""
+    for token in lm.stream(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
+        first = first or time.perf_counter()
+        if token in lm.eos_ids:
+            break
+        tokens.append(token)
+        piece = lm.decode(tokens)
+        if not as_json and not piece.endswith("\ufffd"):
+            click.echo(piece[len(shown):], nl=False)
+            shown = piece
+    end = time.perf_counter()
+    decode_s = (len(tokens) - 1) / (end - first) if first and len(tokens) > 1 and end > first else None
+    result = {"text": lm.decode(tokens), "prompt_tokens": len(ids), "new_tokens": tokens, "ttft_ms": (first - t0) * 1e3 if first else None,
+              "decode_tok_s": decode_s}
+    if as_json:
+        _emit(result, True, None)
+    else:
+        click.echo()
+        _console().print(f"[dim]{len(ids)} prompt tokens, {len(tokens)} new; first token {result['ttft_ms']:.0f} ms"
+                         + (f", {decode_s:.1f} tok/s" if decode_s else "") + "[/dim]")
+
+
+@main.command()
+@click.argument("package", type=click.Path())
 @click.option("--runs", default=100, show_default=True)
 @click.option("--warmup", default=10, show_default=True)
 @click.option("--threads", type=int, help="CPU threads [default: all cores]")
 @click.option("--per-op", is_flag=True, help="time per fused kernel")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output (schema edgellm.profile/1)")
+@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1), help="language models: prompt tokens")
+@click.option("--gen-len", default=64, show_default=True, type=click.IntRange(min=2), help="language models: new tokens")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (schema edgellm.profile/1, language models edgellm.lm-profile/1)")
 @friendly
-def profile(package, runs, warmup, threads, per_op, as_json):
-    """Latency p50/p90/p99, throughput, load time and memory of PACKAGE on this machine."""
+def profile(package, runs, warmup, threads, per_op, prompt_len, gen_len, as_json):
+    """Latency p50/p90/p99, throughput, load time and memory of PACKAGE on this machine (language models: time to first
+    token, prefill and decode tokens/s, memory)."""
     from edgellm import runtime
     from edgellm.runtime.profile import format_report
 
     if runs < 1 or warmup < 0:
         raise EdgeError("--runs must be at least 1 and --warmup at least 0")
-    report = runtime.load(package, threads=threads).profile(runs=runs, warmup=warmup, per_op=per_op)
+    model = runtime.load(package, threads=threads)
+    from edgellm.runtime.lm import LanguageModel
+
+    if isinstance(model, LanguageModel):
+        from edgellm.runtime.profile import format_lm_report
+
+        report = model.profile(prompt_len=prompt_len, gen_len=gen_len, runs=min(runs, 3))
+        _emit(report, as_json, lambda r: click.echo(format_lm_report(r)))
+        return
+    report = model.profile(runs=runs, warmup=warmup, per_op=per_op)
     _emit(report, as_json, lambda r: click.echo(format_report(r)))
 
 

@@ -122,3 +122,20 @@ def format_report(report: dict, top: int = 15) -> str:
         if rest:
             lines.append(f"  {sum(r['share'] for r in rest) * 100:5.1f}%  {sum(r['ms'] for r in rest):9.3f}         ({len(rest)} more)")
     return "\n".join(lines)
+
+
+def format_lm_report(report: dict) -> str:
+    """The human twin of a language model's ``edgellm.lm-profile/1`` report."""
+    mem = report["memory_mb"]
+    lines = [
+        f"{report['package']}  [{report['weights']} weights on {report['target']}], {report['threads']} thread(s)",
+        f"  prompt {report['prompt_tokens']} tokens: time to first token {report['ttft_ms']:.1f} ms, prefill {report['prefill_tok_s']:.0f} tok/s",
+        f"  decode {report['decode_tok_s']:.1f} tok/s over {report['new_tokens']} new tokens (median of {report['runs']} runs)",
+    ]
+    long = report.get("long_context")
+    if long:
+        lines.append(f"  long context ({long['prompt_tokens']} tokens): first token {long['ttft_ms']:.0f} ms, "
+                     f"prefill {long['prefill_tok_s']:.0f} tok/s, decode {long['decode_tok_s']:.1f} tok/s")
+    lines.append(f"  memory: {mem['rss_generating']:.0f} MB resident while generating (weights {mem['weights']:.0f} MB, "
+                 f"KV cache {mem['kv_cache']:.0f} MB, before loading {mem['rss_before']:.0f} MB); peak {mem['rss_peak']:.0f} MB; load {report['load_ms']:.0f} ms")
+    return "\n".join(lines)
