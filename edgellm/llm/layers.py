@@ -1,41 +1,46 @@
-"""The linear layers of a language model, by weight scheme: ``Linear`` (an optional bias on top of
-``qlinear.QuantLinear``) and ``gather_rows`` (the embedding: rows of a linear layer's table, dequantized)."""
+"""The linear layers of a language model, by weight scheme: ``Linear`` (``qlinear.QuantLinear`` plus an optional
+bias, Qwen2's) and ``gather_rows`` (the embedding: rows of a layer's weight table, dequantized on the fly, so a
+model that ties its embedding to its output head stores the table once)."""
 
 from __future__ import annotations
 
+from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
+from edgellm.llm import qlinear
+from edgellm.llm.qlinear import dequantize, pack  # noqa: F401  (the packing that goes with these layers)
+
 
 class Linear(nn.Module):
-    """y = x W^T (+ b) with W stored by ``scheme``. (interim: f32 only)"""
+    """y = x W^T (+ b), W stored by ``scheme`` (f32 / q8 / q4)."""
 
     def __init__(self, in_features: int, out_features: int, scheme: str, group: int | None = None, bias: bool = False):
-        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        self.weight = nn.Parameter((out_features, in_features), "float32")
+        self.scheme = scheme
+        self.linear = qlinear.QuantLinear(in_features, out_features, scheme, group)
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = op.matmul(x, op.permute_dims(self.weight))
+        y = self.linear(x)
         return y + self.bias if self.bias is not None else y
 
 
-def gather_rows(linear: Linear, ids: Tensor) -> Tensor:
-    """Rows ``ids`` of the layer's weight table, float32 ``[len(ids), in_features]``."""
-    return op.take(linear.weight, ids, axis=0)
+def gather_rows(layer: Linear, ids: Tensor) -> Tensor:
+    """Rows ``ids`` of the layer's weight table, float32 ``[len(ids), in_features]`` (f32 and q8 tables)."""
+    inner = layer.linear
+    if layer.scheme == "f32":
+        return op.take(inner.weight, ids, axis=0)
+    if layer.scheme != "q8":
+        raise ValueError(f"embedding tables are f32 or q8, not {layer.scheme}")
 
+    def gather(q, d, i):
+        group = q.shape[1] // d.shape[1]
+        return te.compute((i.shape[0], q.shape[1]), lambda r, k: q[i[r], k].astype("float32") * d[i[r], k // group].astype("float32"),
+                          name="embedding")
 
-def pack(scheme: str, w=None, *, group=None, gguf_type=None, gguf_raw=None) -> dict:
-    """(interim) the layer's parameters for ``scheme``."""
-    assert scheme == "f32"
-    return {"weight": w.astype("float32")}
-
-
-def dequantize(scheme: str, arrays: dict):
-    assert scheme == "f32"
-    return arrays["weight"]
+    return op.tensor_expr_op(gather, "embedding_q8", [inner.qweight, inner.scale, ids])
 
 
 def schedule_passes(target) -> list:
-    """(interim) passes that schedule the linear kernels before edgellm's generic rules."""
-    return []
+    """Passes that put the linear kernels' own schedules in place before edgellm's generic rules."""
+    return [qlinear.schedule_pass(target)]

@@ -61,9 +61,9 @@ class ReferenceLM:
             self.k[i] = K = np.concatenate([self.k[i], k])
             self.v[i] = V = np.concatenate([self.v[i], v])
             K, V = np.repeat(K, group, axis=1), np.repeat(V, group, axis=1)
-            scores = np.einsum("shd,thd->hst", q, K) / np.sqrt(c.head_dim) + mask
+            scores = np.matmul(q.transpose(1, 0, 2), K.transpose(1, 2, 0)) / np.float32(np.sqrt(c.head_dim)) + mask  # [h, s, t]
             scores = np.exp(scores - scores.max(-1, keepdims=True))
-            attn = np.einsum("hst,thd->shd", scores / scores.sum(-1, keepdims=True), V).reshape(len(ids), -1)
+            attn = np.matmul(scores / scores.sum(-1, keepdims=True), V.transpose(1, 0, 2)).transpose(1, 0, 2).reshape(len(ids), -1)
             x = x + attn @ w[p + "o"].T
             h = _rms(x, w[p + "ffn_norm"], c.rms_eps)
             gate, up = h @ w[p + "gate"].T, h @ w[p + "up"].T

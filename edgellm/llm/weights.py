@@ -99,7 +99,7 @@ def pack_all(src: LMSource, schemes: dict[str, Scheme]) -> Packed:
         arrays, was_carried = _pack(_stack(tensors), scheme)
         carried += was_carried
         requantized += not was_carried and scheme.kind != "f32"
-        params.update({f"{module}.{k}": v for k, v in arrays.items()})
+        params.update({f"{module}.linear.{k}": v for k, v in arrays.items()})
         full = layers.dequantize(scheme.kind, arrays)
         start = 0
         for n, t in zip(names, tensors):

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                            help="max |error| relative to the output scale [default: the package's own, set at build time]")
     args = parser.parse_args(argv)
     try:
+        from edgellm.runtime.lm import LanguageModel
+
         model = load(args.package, threads=args.threads)
         if args.command == "run":
             outputs = model.run(**read_inputs(model, args.input))
@@ -68,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
                 np.savez(args.output, **outputs)
             summary = {n: {"shape": list(a.shape), "dtype": str(a.dtype), "head": a.ravel()[:5].tolist()} for n, a in outputs.items()}
             print(json.dumps(summary, indent=2) if args.json else "\n".join(f"{n}: {v}" for n, v in summary.items()))
+        elif args.command == "profile" and isinstance(model, LanguageModel):
+            from edgellm.runtime.profile import format_lm_report
+
+            report = model.profile(runs=min(args.runs, 3))
+            print(json.dumps(report, indent=2) if args.json else format_lm_report(report))
         elif args.command == "profile":
             report = model.profile(runs=args.runs, warmup=args.warmup, per_op=args.per_op)
             print(json.dumps(report, indent=2) if args.json else format_report(report))

