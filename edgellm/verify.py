@@ -85,5 +85,7 @@ def verify(path: str | Path, tolerance: float | None = None, qemu_cpu: str | Non
     if not check["passed"]:
         problem = (f"error {check['rel_max_abs']:.3g} of the output scale > tolerance {check['tolerance']:g}"
                    if check["rel_max_abs"] > check["tolerance"] else f"cosine {check['cosine_min']:.5f} < {check['min_cosine']}")
+    if "tokens_equal" in check and not check["tokens_equal"]:  # a language model: its greedy tokens on the reference prompt
+        problem = f"greedy tokens differ from the reference from token {check['tokens_agree_first']} on"
     return {**result, "passed": bool(check["passed"]), "max_abs": check["max_abs"], "rel_max_abs": check["rel_max_abs"],
-            "cosine_min": check["cosine_min"], "problem": problem}
+            "cosine_min": check["cosine_min"], "problem": problem, **({"tokens": check["tokens"]} if "tokens" in check else {})}

@@ -4,9 +4,8 @@ model that ties its embedding to its output head stores the table once)."""
 
 from __future__ import annotations
 
-from tvm import te
 from tvm.relax.frontend import nn
-from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn import Tensor
 
 from edgellm.llm import qlinear
 from edgellm.llm.qlinear import dequantize, pack  # noqa: F401  (the packing that goes with these layers)
@@ -26,19 +25,8 @@ class Linear(nn.Module):
 
 
 def gather_rows(layer: Linear, ids: Tensor) -> Tensor:
-    """Rows ``ids`` of the layer's weight table, float32 ``[len(ids), in_features]`` (f32 and q8 tables)."""
-    inner = layer.linear
-    if layer.scheme == "f32":
-        return op.take(inner.weight, ids, axis=0)
-    if layer.scheme != "q8":
-        raise ValueError(f"embedding tables are f32 or q8, not {layer.scheme}")
-
-    def gather(q, d, i):
-        group = q.shape[1] // d.shape[1]
-        return te.compute((i.shape[0], q.shape[1]), lambda r, k: q[i[r], k].astype("float32") * d[i[r], k // group].astype("float32"),
-                          name="embedding")
-
-    return op.tensor_expr_op(gather, "embedding_q8", [inner.qweight, inner.scale, ids])
+    """Rows ``ids`` of the layer's weight table, dequantized: float32 ``[len(ids), in_features]``."""
+    return layer.linear.gather(ids)
 
 
 def schedule_passes(target) -> list:

@@ -195,9 +195,10 @@ def _gguf(ref: str, path: Path) -> LMSource:
                 t = tensors.get(f"layers.{i}.{part}")
                 if t is not None:
                     tensors[f"layers.{i}.{part}"] = t.rows(_unpermute(t.shape[0], n_head))
-    tokenizer_json, special = _gguf_tokenizer(ref, path)
+    digest = sha256_file(path)
+    tokenizer_json, special = _gguf_tokenizer(ref, path, digest)
     kinds = sorted({t.gguf_type or "F32" for t in tensors.values() if len(t.shape) == 2})
-    return LMSource(ref=ref, kind="gguf", name=path.stem, sha256=sha256_file(path), config=config, tensors=tensors,
+    return LMSource(ref=ref, kind="gguf", name=path.stem, sha256=digest, config=config, tensors=tensors,
                     tokenizer_json=tokenizer_json, chat_template=meta.get("tokenizer.chat_template"), special_tokens=special,
                     description=str(meta.get("general.name", path.stem)), weights=f"GGUF {'/'.join(kinds)}")
 
@@ -226,8 +227,22 @@ def _gguf_tensor(ref: str, t) -> Tensor:
                         f"convert the model to one of F32, F16, BF16, {', '.join(CARRIED)}, or a K-quant") from None
 
 
-def _gguf_tokenizer(ref: str, path: Path) -> tuple[str | None, dict]:
-    """tokenizer.json built from the GGUF's vocabulary by transformers' converter (the compiler side only)."""
+def _gguf_tokenizer(ref: str, path: Path, sha256: str) -> tuple[str | None, dict]:
+    """tokenizer.json built from the GGUF's vocabulary by transformers' converter (the compiler side only), cached
+    by the file's sha256: the converter reads the whole vocabulary again (~10 s for 49k tokens)."""
+    cached = Path(os.environ.get("EDGELLM_CACHE", Path.home() / ".cache" / "edgellm")) / "tokenizers" / f"{sha256}.json"
+    if cached.exists():
+        saved = json.loads(cached.read_text())
+        return saved["tokenizer_json"], saved["special_tokens"]
+    tokenizer_json, special = _convert_gguf_tokenizer(ref, path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(".partial")
+    partial.write_text(json.dumps({"tokenizer_json": tokenizer_json, "special_tokens": special}))
+    partial.rename(cached)
+    return tokenizer_json, special
+
+
+def _convert_gguf_tokenizer(ref: str, path: Path) -> tuple[str | None, dict]:
     try:
         from transformers import AutoTokenizer
     except ImportError:

@@ -138,3 +138,17 @@ print(json.dumps({"tokens": tokens, "passed": check["passed"], "compiler_mapped"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["passed"] and not result["compiler_mapped"] and result["heavy"] == []
     assert result["tokens"] == rt.load(pkg).generate(PROMPT, 8, ignore_eos=True)
+
+
+@pytest.mark.arm64
+def test_rpi5_int4_package_generates_the_x86_tokens_under_emulation(tiny_folders, tiny_packages, tmp_path):
+    from edgellm import api
+    from edgellm.verify import verify
+
+    built = api.build(str(tiny_folders["qwen2"]), "rpi5", tmp_path / "qwen2-rpi5.edgepkg", weights="int4")
+    assert built.manifest["verification"]["status"] == "skipped"
+    result = verify(built.path)
+    assert result["passed"], result["problem"]
+    x86 = rt.load(tiny_packages("qwen2", "int4"))
+    prompt = x86._reference["prompt"].tolist()
+    assert result["tokens"] == x86.generate(prompt, len(result["tokens"]), ignore_eos=True)

@@ -79,3 +79,15 @@ def test_chat_answers_in_words(packages):
     assert "Paris" in reply
     pieces = list(lm.chat_stream(MESSAGES[1], max_new_tokens=24))
     assert "".join(pieces) == reply and len(pieces) > 3
+
+
+@pytest.mark.arm64
+def test_rpi5_int4_package_verifies_under_emulation(packages, tmp_path):
+    from edgellm import api
+    from edgellm.verify import verify
+
+    built = api.build("zoo:smollm2-135m", "rpi5", tmp_path / "smollm2-rpi5.edgepkg", weights="int4")
+    result = verify(built.path)
+    assert result["passed"], result["problem"]
+    x86 = rt.load(packages("int4").path)
+    assert result["tokens"] == x86.generate(x86._reference["prompt"].tolist(), 16, ignore_eos=True)
