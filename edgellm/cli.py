@@ -80,24 +80,25 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly
 def targets(as_json):
-    """List the known targets (edgellm/targets/*.toml)."""
+    """List the known targets (bundled targets/*.toml, and the folders in EDGELLM_TARGETS) and where each came from."""
     from edgellm import targets as t
 
-    known = {name: target.to_dict() for name, target in t.all_targets().items()}
+    known = {name: {**target.to_dict(), "origin": origin} for name, (target, origin) in t.found().items()}
     host = t.host().name
 
     def table(data):
         from rich.table import Table
 
-        tab = Table("target", "arch", "backends", "has", "lacks", "description", box=None)
+        tab = Table("target", "arch", "backends", "has", "lacks", "from", "description", box=None)
         for name, d in data.items():
             tab.add_row(name + (" (host)" if name == host else ""), d["arch"], ",".join(d["backends"]),
-                        " ".join(d["has"]), " ".join(d["lacks"]), d["description"])
+                        " ".join(d["has"]), " ".join(d["lacks"]), d["origin"], d["description"])
         from rich.console import Console
 
-        Console(width=200).print(tab)
+        Console(width=240).print(tab)
 
-    _emit({"host": host, "targets": known} if as_json else known, as_json, table)
+    _emit({"host": host, "bundled": str(t.bundled_dir()), "user_dirs": [str(d) for d in t.user_dirs()], "targets": known}
+          if as_json else known, as_json, table)
 
 
 @main.command()
