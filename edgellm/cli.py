@@ -102,7 +102,9 @@ def targets(as_json):
 
 
 @main.command()
-@click.argument("source")
+@click.argument("source", required=False)
+@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="rebuild from a package's recipe: an .edgepkg, its manifest.json or a recipe .json (options given beside it override it)")
 @click.option("-t", "--target", default="host", show_default=True, help="target name, .toml file, inline JSON, or host")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="the .edgepkg to write [default: NAME.edgepkg]")
 @click.option("--backend", default="default", show_default=True, help="tvm, openvino, default (the target's first) or auto (build with each the target allows, keep the fastest correct)")
@@ -122,18 +124,35 @@ def targets(as_json):
 @click.option("--tune-budget", type=float, metavar="SECONDS", help="TVM: start no new tuning task after this long")
 @click.option("--fp16", is_flag=True, help="GPU targets: compute in fp16 (fp32 accumulation); verified to cosine >= 0.999")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON when done")
+@click.pass_context
 @friendly
-def build(source, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance, finetune,
-          quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, fp16, as_json):
+def build(ctx, source, recipe_file, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance,
+          finetune, quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, fp16, as_json):
     """Build SOURCE (model.onnx, program.pt2, file.py:fn or zoo:NAME) into an .edgepkg."""
-    from edgellm import api
+    from click.core import ParameterSource
 
+    from edgellm import api
+    from edgellm.recipe import Recipe
+
+    options = dict(target=target, backend=backend, input_shapes=list(input_shapes), pipeline=pipeline, tolerance=tolerance, prune=prune,
+                   prune_mode=prune_mode, prune_importance=prune_importance, finetune=finetune, quantize=quantize, calib=calib,
+                   eval=eval_set, max_drop=max_drop, tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16)
+    if recipe_file:  # the recipe, with the options given on the command line in place of its own
+        param = {"eval": "eval_set"}
+        given = {k: v for k, v in options.items() if ctx.get_parameter_source(param.get(k, k)) == ParameterSource.COMMANDLINE}
+        if "fp16" in given:
+            given["precision"] = "fp16" if given.pop("fp16") else "fp32"
+        recipe = Recipe.load(recipe_file, **({"source": source} if source else {}), **given)
+    elif source:
+        recipe = None
+    else:
+        raise EdgeError("build needs a SOURCE (model.onnx, program.pt2, file.py:fn or zoo:NAME) or --recipe FILE")
     progress = StageProgress(quiet=as_json)
     try:
-        result = api.build(source, target, output, backend=backend, input_shapes=list(input_shapes),
-                           pipeline=pipeline, tolerance=tolerance, progress=progress, prune=prune, prune_mode=prune_mode,
-                           prune_importance=prune_importance, quantize=quantize, calib=calib, eval=eval_set, max_drop=max_drop,
-                           tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16, finetune=finetune)
+        if recipe is not None:
+            result = api.build(recipe.source, recipe, output, progress=progress)
+        else:
+            result = api.build(source, target, output, progress=progress, **{k: v for k, v in options.items() if k != "target"})
     finally:
         progress.close()
     _emit(result.manifest, as_json, lambda m: _console().print(
