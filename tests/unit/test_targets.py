@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -106,7 +107,12 @@ def test_bundled_targets_are_the_top_level_folder_and_none_are_inside_the_packag
 def test_the_wheel_ships_the_targets_and_the_installed_package_finds_them(tmp_path):
     """pyproject + setup.py put targets/*.toml into the wheel as edgellm/_targets (an unpacked wheel is an install)."""
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+    src = tmp_path / "src"  # a copy: building in place would leave build/ and *.egg-info in the checkout
+    for name in ("edgellm", "targets"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy2(root / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "No module named pip" in proc.stderr:
         pytest.skip("pip is not installed")
