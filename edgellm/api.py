@@ -141,20 +141,27 @@ def _choose(trials: list[dict], auto: bool) -> tuple[dict, dict | None]:
 
 
 def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", output: str | Path | None = None, *,
-          progress: Progress | None = None, **options) -> BuildResult:
+          progress: Progress | None = None, backend: str | None = None, input_shapes: list[str] | dict | None = None,
+          pipeline: str | None = None, tolerance: float | None = None, prune: float | None = None, prune_mode: str | None = None,
+          prune_importance: str | None = None, finetune=None, quantize: str | None = None, calib: str | None = None,
+          eval: str | None = None, max_drop: float | None = None, tune: int | None = None, tuning_db: str | Path | None = None,
+          tune_budget: float | None = None, fp16: bool | None = None, precision: str | None = None, **fields) -> BuildResult:
     """source (-> prune) -> trace (-> samples) -> compile -> verify (-> measure, for backend="auto") (-> evaluate)
     -> package. Writes ``output`` atomically, and nothing when any stage fails.
 
     ``build(source, recipe)`` builds what the recipe says (``Recipe.load(package)`` rebuilds a package);
     the keyword arguments are the recipe's fields (backend, input_shapes, pipeline, tolerance, prune,
     prune_mode, prune_importance, finetune, quantize, calib, eval, max_drop, tune, tuning_db, tune_budget,
-    precision; fp16=True for precision="fp16"), applied to the recipe given or to a new one. ``finetune``
-    may also be a function fn(module) -> module."""
+    precision; fp16=True for precision="fp16"; ``fields``: any other Recipe field), those given (not None) applied
+    to the recipe given or to a new one. ``finetune`` may also be a function fn(module) -> module."""
     from edgellm import source as sources
     from edgellm.compress.plan import Plan
     from edgellm.trace import trace
 
-    recipe, finetune_fn = make_recipe(source, target, **options)
+    given = dict(backend=backend, input_shapes=input_shapes, pipeline=pipeline, tolerance=tolerance, prune=prune, prune_mode=prune_mode,
+                 prune_importance=prune_importance, finetune=finetune, quantize=quantize, calib=calib, eval=eval, max_drop=max_drop,
+                 tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16, precision=precision)
+    recipe, finetune_fn = make_recipe(source, target, **{k: v for k, v in given.items() if v is not None}, **fields)
     plan = Plan(recipe.prune, recipe.prune_mode, recipe.prune_importance, recipe.quantize, recipe.calib, recipe.eval,
                 recipe.max_drop, finetune_fn or recipe.finetune)
     tgt = recipe.resolved_target
