@@ -6,7 +6,7 @@ The compiler-side API is reached lazily: ``edgellm.build(...)``.
 
 __version__ = "0.1.0"
 
-_API = ("build", "inspect", "BuildRecipe", "BuildResult")
+_API = ("build", "inspect", "Recipe", "BuildRecipe", "BuildResult")
 
 
 def __getattr__(name):

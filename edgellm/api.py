@@ -18,7 +18,8 @@ from typing import Callable
 from edgellm import __version__, backends, targets
 from edgellm.errors import EdgeError
 from edgellm.package import check_output, narrowed, npz_bytes, write_package
-from edgellm.recipe import BuildRecipe
+from edgellm.recipe import BuildRecipe, Recipe  # noqa: F401  (edgellm.BuildRecipe, edgellm.Recipe)
+from edgellm.recipe import make as make_recipe
 from edgellm.runtime import device
 from edgellm.runtime.accuracy import compare
 from edgellm.runtime.package import read_manifest, sha256_file
@@ -50,19 +51,6 @@ def _stage(name: str, progress: Progress | None, seconds: dict, detail: list):
     seconds[name] = time.perf_counter() - t0
     if progress:
         progress(name, seconds[name], detail[0] if detail else "")
-
-
-def _candidates(recipe: BuildRecipe, target: targets.Target) -> list[str]:
-    """The backends to try: the one asked for, the target's first (default), or all it allows (auto)."""
-    if recipe.backend == "auto":
-        return list(target.backends)
-    if recipe.backend == "default":
-        return target.backends[:1]
-    if recipe.backend not in backends.KNOWN:
-        raise EdgeError(f"unknown backend {recipe.backend!r}", f"known backends: default, auto, {', '.join(backends.KNOWN)}")
-    if recipe.backend not in target.backends:
-        raise EdgeError(f"target {target.name} does not allow backend {recipe.backend!r}", f"allowed: {', '.join(target.backends)}")
-    return [recipe.backend]
 
 
 def _local_engine(compiled, target: targets.Target):
@@ -152,56 +140,45 @@ def _choose(trials: list[dict], auto: bool) -> tuple[dict, dict | None]:
     return chosen, {"chosen": chosen["backend"], "why": why, "threads": device.cpu_count(), "trials": table}
 
 
-def build(source: str, target: str | targets.Target = "host", output: str | Path | None = None, *, backend: str = "default",
-          input_shapes: list[str] | dict | None = None, pipeline: str = "default", tolerance: float = 1e-4,
-          progress: Progress | None = None, prune: float | None = None, prune_mode: str = "structured",
-          prune_importance: str = "l2", quantize: str | None = None, calib: str | None = None, eval: str | None = None,
-          max_drop: float | None = None, tune: int | None = None, tuning_db: str | Path | None = None,
-          tune_budget: float | None = None, fp16: bool = False, finetune=None, weights: str | None = None,
-          max_seq_len: int | None = None) -> BuildResult:
+def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", output: str | Path | None = None, *,
+          progress: Progress | None = None, backend: str | None = None, input_shapes: list[str] | dict | None = None,
+          pipeline: str | None = None, tolerance: float | None = None, prune: float | None = None, prune_mode: str | None = None,
+          prune_importance: str | None = None, finetune=None, quantize: str | None = None, calib: str | None = None,
+          eval: str | None = None, max_drop: float | None = None, tune: int | None = None, tuning_db: str | Path | None = None,
+          tune_budget: float | None = None, fp16: bool | None = None, precision: str | None = None, **fields) -> BuildResult:
     """source (-> prune) -> trace (-> samples) -> compile -> verify (-> measure, for backend="auto") (-> evaluate)
     -> package. Writes ``output`` atomically, and nothing when any stage fails.
 
-    A language model (a .gguf file, a transformers folder, zoo:smollm2-135m) takes edgellm/llm/build.py's path:
-    ``weights`` fp32 / int8 / int4 and ``max_seq_len`` apply there."""
-    from edgellm.llm.source import is_lm_source
-
-    if is_lm_source(source):
-        from edgellm.llm.build import build_lm
-
-        unused = [flag for flag, value in (("--prune", prune), ("--quantize", quantize), ("--calib", calib), ("--tune", tune),
-                                           ("--fp16", fp16), ("--input-shape", input_shapes)) if value]
-        if unused or backend not in ("default", "tvm"):
-            raise EdgeError(f"{unused[0] if unused else '--backend ' + backend} does not apply to a language model",
-                            "language models take --weights fp32|int8|int4, --max-seq-len and --max-drop (TVM backend)")
-        return build_lm(source, target, output, weights=weights or "fp32", max_seq_len=max_seq_len, progress=progress,
-                        max_drop=max_drop, **({"tolerance": tolerance} if tolerance != 1e-4 else {}))
-    if weights or max_seq_len:
-        raise EdgeError("--weights / --max-seq-len are for language models", "give a .gguf file, a transformers folder or zoo:smollm2-135m")
+    ``build(source, recipe)`` builds what the recipe says (``Recipe.load(package)`` rebuilds a package);
+    the keyword arguments are the recipe's fields (backend, input_shapes, pipeline, tolerance, prune,
+    prune_mode, prune_importance, finetune, quantize, calib, eval, max_drop, tune, tuning_db, tune_budget,
+    precision; fp16=True for precision="fp16"; ``fields``: any other Recipe field), those given (not None) applied
+    to the recipe given or to a new one. ``finetune`` may also be a function fn(module) -> module."""
     from edgellm import source as sources
     from edgellm.compress.plan import Plan
-    from edgellm.trace import parse_shapes, trace
+    from edgellm.trace import trace
 
-    plan = Plan(prune, prune_mode, prune_importance, quantize, calib, eval, max_drop, finetune)
+    given = dict(backend=backend, input_shapes=input_shapes, pipeline=pipeline, tolerance=tolerance, prune=prune, prune_mode=prune_mode,
+                 prune_importance=prune_importance, finetune=finetune, quantize=quantize, calib=calib, eval=eval, max_drop=max_drop,
+                 tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16, precision=precision)
+    recipe, finetune_fn = make_recipe(source, target, **{k: v for k, v in given.items() if v is not None}, **fields)
+    if recipe.is_language_model:  # a .gguf file, a transformers folder, zoo:smollm2-135m: edgellm/llm/build.py
+        from edgellm.llm.build import TOLERANCE, build_lm
 
-    tgt = targets.resolve(target)
-    shapes = parse_shapes(input_shapes)
-    recipe = BuildRecipe(source=source, target=tgt.name if isinstance(target, str) and target == "host" else str(getattr(target, "name", target)),
-                         backend=backend, input_shapes={k: list(v) for k, v in shapes.items()}, pipeline=pipeline, tolerance=tolerance,
-                         precision="fp16" if fp16 else "fp32")
-    if fp16 and tgt.tvm.get("kind") != "cuda":
-        raise EdgeError(f"--fp16 is for NVIDIA GPU targets; {tgt.name} is a CPU target",
-                        "build for a cuda-sm* or jetson-orin target, or use --quantize int8 to shrink a CPU model")
-    if fp16 and plan.active:
-        raise EdgeError("--fp16 does not combine with --prune / --quantize yet", "build with --fp16 alone")
-    candidates = _candidates(recipe, tgt)
+        return build_lm(recipe.source, recipe.resolved_target, output, weights=recipe.weights or "fp32", max_seq_len=recipe.max_seq_len,
+                        progress=progress, max_drop=recipe.max_drop, tolerance=tolerance if tolerance is not None else
+                        (recipe.tolerance if recipe.tolerance != Recipe.tolerance else TOLERANCE))
+    plan = Plan(recipe.prune, recipe.prune_mode, recipe.prune_importance, recipe.quantize, recipe.calib, recipe.eval,
+                recipe.max_drop, finetune_fn or recipe.finetune)
+    tgt = recipe.resolved_target
+    shapes = {k: tuple(v) for k, v in recipe.input_shapes.items()}
+    candidates = recipe.candidates()
     auto = recipe.backend == "auto"
-    if (tune or tuning_db) and "tvm" not in candidates:
-        raise EdgeError("--tune / --tuning-db apply to the TVM backend", "use --backend tvm")
     if not auto:
         backends.get(candidates[0]).check(tgt)
         plan.check_backend(candidates[0])
-    out = check_output(output or f"{Path(source.split(':')[-1] if source.startswith('zoo:') else source.split(':')[0]).stem}.edgepkg")
+    ref = recipe.source
+    out = check_output(output or f"{Path(ref.split(':')[-1] if ref.startswith('zoo:') else ref.split(':')[0]).stem}.edgepkg")
     seconds: dict[str, float] = {}
 
     def stage(name, detail):
@@ -209,7 +186,7 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
 
     detail: list[str] = []
     with stage("source", detail):
-        src = sources.load(source)
+        src = sources.load(recipe.source)
         detail.append(f"{src.kind} {src.name}" + (f", weights: {src.weights}" if src.weights else ""))
         plan.keep_reference(src)  # the original fp32 model: what compression is evaluated against
     if plan.prune is not None:
@@ -231,10 +208,10 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
             workdir.mkdir()
             try:
                 plan.check_backend(name)
-                trials.append(_try_backend(name, traced, tgt, {"pipeline": pipeline, "tune": tune, "tuning_db": tuning_db, "tune_budget": tune_budget,
-                                                          "tune_progress": getattr(progress, "note", None), "precision": recipe.precision,
-                                                          **plan.options()}, workdir,
-                                           _contract(plan.tolerance(tolerance), recipe.precision), auto, stage))
+                trials.append(_try_backend(name, traced, tgt, {"pipeline": recipe.pipeline, "tune": recipe.tune, "tuning_db": recipe.tuning_db,
+                                                          "tune_budget": recipe.tune_budget, "tune_progress": getattr(progress, "note", None),
+                                                          "precision": recipe.precision, **plan.options()}, workdir,
+                                           _contract(plan.tolerance(recipe.tolerance), recipe.precision), auto, stage))
             except EdgeError as e:
                 if not auto:
                     raise
@@ -255,7 +232,7 @@ def build(source: str, target: str | targets.Target = "host", output: str | Path
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "recipe": recipe.to_dict(),
                 "model": {"name": src.name, "description": src.description, "weights": src.weights},
-                "source": {"ref": source, "kind": src.kind, "sha256": src.sha256, **src.info},
+                "source": {"ref": recipe.source, "kind": src.kind, "sha256": src.sha256, **src.info},
                 "target": tgt.to_dict(),
                 "backend": compiled.info,
                 "backend_choice": comparison,

@@ -80,34 +80,37 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly
 def targets(as_json):
-    """List the known targets (edgellm/targets/*.toml)."""
+    """List the known targets (bundled targets/*.toml, and the folders in EDGELLM_TARGETS) and where each came from."""
     from edgellm import targets as t
 
-    known = {name: target.to_dict() for name, target in t.all_targets().items()}
+    known = {name: {**target.to_dict(), "origin": origin} for name, (target, origin) in t.found().items()}
     host = t.host().name
 
     def table(data):
         from rich.table import Table
 
-        tab = Table("target", "arch", "backends", "has", "lacks", "description", box=None)
+        tab = Table("target", "arch", "backends", "has", "lacks", "from", "description", box=None)
         for name, d in data.items():
             tab.add_row(name + (" (host)" if name == host else ""), d["arch"], ",".join(d["backends"]),
-                        " ".join(d["has"]), " ".join(d["lacks"]), d["description"])
+                        " ".join(d["has"]), " ".join(d["lacks"]), d["origin"], d["description"])
         from rich.console import Console
 
-        Console(width=200).print(tab)
+        Console(width=240).print(tab)
 
-    _emit({"host": host, "targets": known} if as_json else known, as_json, table)
+    _emit({"host": host, "bundled": str(t.bundled_dir()), "user_dirs": [str(d) for d in t.user_dirs()], "targets": known}
+          if as_json else known, as_json, table)
 
 
 @main.command()
-@click.argument("source")
+@click.argument("source", required=False)
+@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="rebuild from a package's recipe: an .edgepkg, its manifest.json or a recipe .json (options given beside it override it)")
 @click.option("-t", "--target", default="host", show_default=True, help="target name, .toml file, inline JSON, or host")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="the .edgepkg to write [default: NAME.edgepkg]")
 @click.option("--backend", default="default", show_default=True, help="tvm, openvino, default (the target's first) or auto (build with each the target allows, keep the fastest correct)")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224", help="override an input's shape")
 @click.option("--pipeline", default="default", show_default=True, help="TVM CPU pipeline: default, edgellm, stock")
-@click.option("--tolerance", default=1e-4, show_default=True, help="max error vs the fp32 reference, relative to output scale")
+@click.option("--tolerance", type=float, help="max error vs the fp32 reference, relative to output scale [default: 1e-4; language models: 1e-3 of the largest logit]")
 @click.option("--prune", type=float, help="structured: remove this share of channels / FFN units / heads (0.3); unstructured: of weights")
 @click.option("--prune-mode", type=click.Choice(["structured", "unstructured"]), default="structured", show_default=True)
 @click.option("--prune-importance", type=click.Choice(["l1", "l2", "taylor"]), default="l2", show_default=True)
@@ -123,19 +126,36 @@ def targets(as_json):
 @click.option("--weights", type=click.Choice(["fp32", "int8", "int4"]), help="language models: weight compression [default: fp32]")
 @click.option("--max-seq-len", type=click.IntRange(min=16), help="language models: longest prompt + reply the KV cache holds [default: 1024]")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON when done")
+@click.pass_context
 @friendly
-def build(source, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance, finetune,
-          quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, fp16, weights, max_seq_len, as_json):
+def build(ctx, source, recipe_file, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance,
+          finetune, quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, fp16, weights, max_seq_len, as_json):
     """Build SOURCE (model.onnx, program.pt2, file.py:fn, zoo:NAME; a language model: model.gguf or a transformers folder) into an .edgepkg."""
-    from edgellm import api
+    from click.core import ParameterSource
 
+    from edgellm import api
+    from edgellm.recipe import Recipe
+
+    options = dict(target=target, backend=backend, input_shapes=list(input_shapes), pipeline=pipeline, tolerance=tolerance, prune=prune,
+                   prune_mode=prune_mode, prune_importance=prune_importance, finetune=finetune, quantize=quantize, calib=calib,
+                   eval=eval_set, max_drop=max_drop, tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16,
+                   weights=weights, max_seq_len=max_seq_len)
+    if recipe_file:  # the recipe, with the options given on the command line in place of its own
+        param = {"eval": "eval_set"}
+        given = {k: v for k, v in options.items() if ctx.get_parameter_source(param.get(k, k)) == ParameterSource.COMMANDLINE}
+        if "fp16" in given:
+            given["precision"] = "fp16" if given.pop("fp16") else "fp32"
+        recipe = Recipe.load(recipe_file, **({"source": source} if source else {}), **given)
+    elif source:
+        recipe = None
+    else:
+        raise EdgeError("build needs a SOURCE (model.onnx, program.pt2, file.py:fn or zoo:NAME) or --recipe FILE")
     progress = StageProgress(quiet=as_json)
     try:
-        result = api.build(source, target, output, backend=backend, input_shapes=list(input_shapes),
-                           pipeline=pipeline, tolerance=tolerance, progress=progress, prune=prune, prune_mode=prune_mode,
-                           prune_importance=prune_importance, quantize=quantize, calib=calib, eval=eval_set, max_drop=max_drop,
-                           tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16, finetune=finetune,
-                           weights=weights, max_seq_len=max_seq_len)
+        if recipe is not None:
+            result = api.build(recipe.source, recipe, output, progress=progress)
+        else:
+            result = api.build(source, target, output, progress=progress, **{k: v for k, v in options.items() if k != "target"})
     finally:
         progress.close()
     _emit(result.manifest, as_json, lambda m: _console().print(

@@ -1,19 +1,227 @@
-"""A build is data: one recipe says everything that decides the package, and goes into its manifest."""
+"""A build is data: one recipe holds every option that decides the package, is validated once where it is
+made, flows through the stages, and goes into the manifest verbatim (``manifest["recipe"]``), so a package
+says exactly how to rebuild it:
+
+    recipe = Recipe("zoo:kws-cnn", target="x86_64", quantize="int8", calib="random")
+    edgellm.build(recipe.source, recipe, "kws.edgepkg")
+    edgellm.build("zoo:kws-cnn", Recipe.load("kws.edgepkg"))      # rebuild from a package (or manifest.json)
+
+A new option is one field below (with its default); ``to_dict`` / ``from_dict`` and the keyword
+conveniences of ``edgellm.build`` follow the fields. Where it is not output (``-o``) or presentation
+(``--json``, progress), it belongs here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+import zipfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable
+
+from edgellm.errors import EdgeError
+
+PRECISIONS = ("fp32", "fp16")
+PYTHON_FN = "python:"  # a finetune given as a Python function: recorded by name, given again to rebuild
 
 
 @dataclass(frozen=True)
-class BuildRecipe:
+class Recipe:
     source: str  # model.onnx | program.pt2 | file.py:fn | zoo:NAME
-    target: str = "host"  # name, .toml path or inline JSON; resolved name is in the manifest
+    target: str = "host"  # name, .toml path or inline JSON; "host" is stored as the name it resolved to
     backend: str = "default"  # default: the target's first backend; auto: every allowed one, keep the fastest correct
-    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # {"x": [1, 3, 224, 224]}; also ["x=1x3x224x224"]
     pipeline: str = "default"  # TVM CPU pipeline (edgellm/backends/tvm_pipelines.py)
     tolerance: float = 1e-4  # max |error| vs the fp32 reference, relative to the output scale
     precision: str = "fp32"  # fp16: GPU targets compute in half precision (fp32 accumulation)
+    prune: float | None = None  # share of channels / FFN units / heads (structured) or weights (unstructured)
+    prune_mode: str = "structured"
+    prune_importance: str = "l2"
+    finetune: str | None = None  # "file.py:fn" run on the pruned model; "python:NAME" when given as a function
+    quantize: str | None = None  # int8 | int8-weights
+    calib: str | None = None  # calibration samples: folder, .npz or "random"
+    eval: str | None = None  # evaluation samples [default: 20% held out of calib]
+    max_drop: float | None = None  # fail if accuracy vs fp32 drops more than this (percentage points)
+    tune: int | None = None  # TVM: MetaSchedule trials in all
+    tuning_db: str | None = None  # TVM: tuning database folder
+    tune_budget: float | None = None  # TVM: seconds after which no new tuning task starts
+    weights: str | None = None  # language models: fp32 | int8 | int4 (edgellm/llm/weights.py) [default fp32]
+    max_seq_len: int | None = None  # language models: tokens the KV cache holds [default 1024]
+
+    @property
+    def is_language_model(self) -> bool:
+        from edgellm.llm.source import is_lm_source
+
+        return is_lm_source(self.source)
+
+    def __post_init__(self):
+        from edgellm import targets
+
+        tgt = targets.resolve(self.target)  # a Target object, a name, "host", a file or inline JSON
+        if isinstance(self.target, targets.Target) or self.target == "host":
+            object.__setattr__(self, "target", tgt.name)
+        object.__setattr__(self, "_target", tgt)
+        object.__setattr__(self, "input_shapes", _shapes(self.input_shapes))
+        if self.tuning_db is not None:
+            object.__setattr__(self, "tuning_db", str(self.tuning_db))
+        self._validate(tgt)
+
+    def _validate(self, tgt) -> None:
+        """Every bad combination of options, refused here in one line (backend capabilities: at compile)."""
+        from edgellm import backends
+        from edgellm.compress.plan import check_options
+
+        if self.is_language_model:
+            return self._validate_language_model(tgt)
+        if self.weights is not None or self.max_seq_len is not None:
+            raise EdgeError("--weights / --max-seq-len are for language models", "give a .gguf file, a transformers folder or zoo:smollm2-135m")
+        check_options(self.prune, self.prune_mode, self.quantize, self.calib, self.eval, self.max_drop, self.finetune)
+        if self.precision not in PRECISIONS:
+            raise EdgeError(f"unknown precision {self.precision!r}", f"use one of {', '.join(PRECISIONS)}")
+        if self.precision == "fp16" and tgt.tvm.get("kind") != "cuda":
+            raise EdgeError(f"--fp16 is for NVIDIA GPU targets; {tgt.name} is a CPU target",
+                            "build for a cuda-sm* or jetson-orin target, or use --quantize int8 to shrink a CPU model")
+        if self.precision == "fp16" and (self.prune is not None or self.quantize is not None):
+            raise EdgeError("--fp16 does not combine with --prune / --quantize yet", "build with --fp16 alone")
+        if self.backend not in ("auto", "default"):
+            if self.backend not in backends.KNOWN:
+                raise EdgeError(f"unknown backend {self.backend!r}", f"known backends: default, auto, {', '.join(backends.KNOWN)}")
+            if self.backend not in tgt.backends:
+                raise EdgeError(f"target {tgt.name} does not allow backend {self.backend!r}", f"allowed: {', '.join(tgt.backends)}")
+        if (self.tune or self.tuning_db) and "tvm" not in self.candidates():
+            raise EdgeError("--tune / --tuning-db apply to the TVM backend", "use --backend tvm")
+
+    def _validate_language_model(self, tgt) -> None:
+        given = [flag for flag, value in (("--prune", self.prune), ("--quantize", self.quantize), ("--calib", self.calib),
+                                          ("--tune", self.tune), ("--tuning-db", self.tuning_db), ("--input-shape", self.input_shapes),
+                                          ("--finetune", self.finetune), ("--fp16", self.precision != "fp32")) if value]
+        if self.backend not in ("default", "tvm"):
+            given.append(f"--backend {self.backend}")
+        if given:
+            raise EdgeError(f"{given[0]} does not apply to a language model",
+                            "language models take --weights fp32|int8|int4, --max-seq-len, --max-drop and --tolerance (TVM backend)")
+        if self.weights not in (None, "fp32", "int8", "int4"):
+            raise EdgeError(f"unknown --weights {self.weights!r}", "choose one of fp32, int8, int4")
+        if "tvm" not in tgt.backends or tgt.tvm.get("kind") != "llvm":
+            raise EdgeError(f"language models compile for CPU targets (TVM llvm) in this edgellm; {tgt.name} is not one",
+                            "build for x86_64, arm64, rpi4, rpi5 or jetson-orin-cpu")
+
+    @property
+    def resolved_target(self):
+        """The Target this recipe builds for (resolved once, when the recipe was made)."""
+        return self._target
+
+    def candidates(self) -> list[str]:
+        """The backends to try: the one asked for, the target's first (default), or all it allows (auto)."""
+        if self.backend == "auto":
+            return list(self._target.backends)
+        if self.backend == "default":
+            return self._target.backends[:1]
+        return [self.backend]
+
+    def replace(self, **changes) -> Recipe:
+        """A new recipe with some fields changed (validated again, as a whole)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"Recipe has no field {', '.join(unknown)}")
+        if "target" not in changes:  # a Target given as an object, or "host": the one resolved, again
+            changes["target"] = self._target if self.target == self._target.name else self.target
+        return replace(self, **changes)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, **changes) -> Recipe:
+        """A recipe from its dict (as a manifest stores it), with ``changes`` applied; unknown keys refused."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise EdgeError(f"the recipe has unknown fields {unknown}", "it was written by a newer edgellm; upgrade edgellm")
+        merged = {**data, **changes}
+        if "source" not in merged:
+            raise EdgeError("the recipe names no source", "give the model as SOURCE")
+        return cls(**merged)
+
+    @classmethod
+    def load(cls, path: str | Path, **changes) -> Recipe:
+        """The recipe of an .edgepkg, a manifest.json or a recipe .json file, with ``changes`` applied.
+
+        From a package or manifest, a target that no longer resolves to the one the package was built
+        for (a user's target file gone or edited) is taken from the manifest itself."""
+        data, manifest = _read(Path(path))
+        if manifest is not None and "target" not in changes:
+            changes["target"] = _same_target(data.get("target", "host"), manifest.get("target"))
+        return cls.from_dict(data, **changes)
+
+
+def _shapes(shapes) -> dict[str, list[int]]:
+    from edgellm.trace import parse_shapes
+
+    return {k: list(v) for k, v in parse_shapes(list(shapes) if isinstance(shapes, (list, tuple)) else shapes).items()}
+
+
+def _read(path: Path) -> tuple[dict, dict | None]:
+    """(recipe dict, manifest or None) from a package, a manifest.json or a recipe .json."""
+    if not path.is_file():
+        raise EdgeError(f"recipe file {path} does not exist", "give a .edgepkg, its manifest.json or a recipe .json")
+    if zipfile.is_zipfile(path):
+        from edgellm.runtime.package import read_manifest
+
+        manifest = read_manifest(path)
+    else:
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EdgeError(f"cannot read recipe file {path}: {e}", "give a .edgepkg, its manifest.json or a recipe .json") from None
+        if not isinstance(manifest, dict):
+            raise EdgeError(f"recipe file {path} is not a JSON object")
+        if "recipe" not in manifest:  # a recipe .json: the recipe itself
+            return manifest, None
+    if not isinstance(manifest.get("recipe"), dict):
+        raise EdgeError(f"{path} holds no build recipe", "it was built by an edgellm before recipes; build it from its source")
+    return manifest["recipe"], manifest
+
+
+def _same_target(spec: str, built_for: dict | None) -> str:
+    from edgellm import targets
+
+    if built_for is None:
+        return spec
+    try:
+        if targets.resolve(spec).to_dict() == built_for:
+            return spec
+    except EdgeError:
+        pass
+    return json.dumps(built_for)
+
+
+def make(source: str, target="host", finetune: str | Callable | None = None, **options) -> tuple[Recipe, Callable | None]:
+    """(recipe, finetune function or None) from ``edgellm.build``'s arguments: the recipe given as ``target``
+    with ``options`` (those given only) applied, or a new one. ``fp16=True`` is ``precision="fp16"``; a
+    function as ``finetune`` is recorded as python:NAME and handed to the prune stage."""
+    if "fp16" in options:
+        fp16 = options.pop("fp16")
+        if fp16 or "precision" not in options:
+            options["precision"] = "fp16" if fp16 else options.get("precision", "fp32")
+    fn = None
+    if callable(finetune):
+        fn, finetune = finetune, PYTHON_FN + getattr(finetune, "__qualname__", repr(finetune))
+    if finetune is not None:
+        options["finetune"] = finetune
+    unknown = sorted(set(options) - {f.name for f in fields(Recipe)})
+    if unknown:
+        raise TypeError(f"build() got unexpected keyword arguments {unknown}")
+    if isinstance(source, Recipe):  # build(recipe)
+        source, target = source.source, source
+    if isinstance(target, Recipe):
+        recipe = target.replace(source=source, **options) if options or source != target.source else target
+    else:
+        recipe = Recipe(source=source, target=target, **options)
+    if fn is None and str(recipe.finetune or "").startswith(PYTHON_FN):
+        raise EdgeError(f"this recipe's finetune was a Python function ({recipe.finetune[len(PYTHON_FN):]})",
+                        "give it again: build(..., finetune=fn), or --finetune FILE.py:FN")
+    return recipe, fn
+
+
+BuildRecipe = Recipe  # the name before every build option moved in

@@ -39,6 +39,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from edgellm.backends import tvm_base
 from edgellm.backends.base import Compiled
 from edgellm.errors import EdgeError
 from edgellm.targets import Target
@@ -365,15 +366,13 @@ def fatbins_in(data: bytes) -> list[bytes]:
 
 def compile(backend, traced: Traced, target: Target, options: dict, workdir: Path) -> Compiled:
     """Relax -> CUDA pipeline -> VM executable -> model.so with fatbin kernels."""
-    from edgellm.backends import tvm as tvm_backend
-
-    tvm = tvm_backend.import_compiler()
+    tvm = tvm_base.import_compiler()
     check(target)
     arch = sm_arch(target)
     name = options.get("pipeline") or "default"
     if name not in ("default", PIPELINE, "stock"):
         raise EdgeError(f"unknown TVM pipeline {name!r} for a CUDA target", f"known: {PIPELINE} (default), stock")
-    mod = tvm_backend.to_relax(traced)
+    mod = tvm_base.to_relax(traced)
     precision = options.get("precision") or "fp32"
     if precision == "fp16":
         mod = to_fp16(mod)
@@ -382,7 +381,7 @@ def compile(backend, traced: Traced, target: Target, options: dict, workdir: Pat
     tvm_target = tvm.target.Target(target.tvm)
     relax_pipeline = tvm.relax.get_default_pipeline(tvm_target) if name == "stock" else pipeline(tvm_target)
     path = workdir / "model.so"
-    cxx = tvm_backend.cross_compiler(target, platform.machine())
+    cxx = tvm_base.cross_compiler(target, platform.machine())
     kernels: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="edgellm-cuda-", dir=workdir) as tmp, _nvcc_callback(arch, Path(tmp)):
         try:
@@ -402,15 +401,15 @@ def compile(backend, traced: Traced, target: Target, options: dict, workdir: Pat
             "name": backend.name,
             "module": "model.so",
             "device": "cuda",
-            "tvm": tvm_backend.TVM_VERSION,
-            "tvm_ffi": tvm_backend.FFI_VERSION,
+            "tvm": tvm_base.TVM_VERSION,
+            "tvm_ffi": tvm_base.FFI_VERSION,
             "pipeline": "stock" if name == "stock" else PIPELINE,
             "tvm_target": str(tvm_target),
             "precision": FP16_INFO if precision == "fp16" else {"compute": "fp32"},
             "cuda": {"arch": arch, "kernel_format": FATBIN_FORMAT, "nvcc": nvcc_version(),
                      "fatbin_bytes": sum(k["fatbin_bytes"] for k in kernels), "cuda_runtime": "libcudart.so.13"},
         },
-        runtime_requires=[f"apache-tvm=={tvm_backend.TVM_VERSION}", f"apache-tvm-ffi=={tvm_backend.FFI_VERSION}", "numpy",
+        runtime_requires=[f"apache-tvm=={tvm_base.TVM_VERSION}", f"apache-tvm-ffi=={tvm_base.FFI_VERSION}", "numpy",
                           "nvidia-cuda-runtime==13.* (libcudart.so.13)", "NVIDIA driver >= 580 (CUDA 13)"],
     )
 

@@ -3,7 +3,7 @@
 The CPU schedule pipeline is one swappable piece: ``--pipeline NAME`` picks one, and the
 default is chosen by target kind. ``stock`` is TVM's own cpu_generic pipeline (legalize and
 fuse; no tiling, vectorization or threads); ``edgellm`` adds edgellm's schedule rules
-(edgellm/backends/tvm_cpu/).
+(edgellm/backends/tvm_cpu/, with the int8 ones of edgellm/backends/tvm_int8/ in front).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _stock(target):
 
 
 def _edgellm(target):
-    from edgellm.backends.tvm_cpu import pipeline
+    from edgellm.backends.tvm_int8 import pipeline  # tvm_cpu's pipeline with the int8 rules in front
 
     return pipeline(target)
 

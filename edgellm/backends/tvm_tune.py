@@ -65,11 +65,11 @@ def prepare(mod, target):
 
 def pipeline(target, db_dir: str | Path | None = None):
     """edgellm's CPU pipeline with the tuning database applied before the hand-written rules."""
-    from edgellm.backends.tvm_cpu import pipeline as cpu_pipeline
+    from edgellm.backends.tvm_int8 import pipeline as edgellm_pipeline
 
     target = _target(target)
     db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
-    return cpu_pipeline(target, before_rules=[apply_database_pass(db_dir, target)])
+    return edgellm_pipeline(target, before_rules=[apply_database_pass(db_dir, target)])
 
 
 def _target(target):
@@ -247,8 +247,8 @@ def make_runner():
 
 def _rule_schedule(func, target):
     """The hand-written rules' schedule of a PrimFunc (first rule whose schedule lowers), or None."""
-    from edgellm.backends.tvm_cpu import schedule_rules
     from edgellm.backends.tvm_cpu.apply import _lowers
+    from edgellm.backends.tvm_int8 import schedule_rules
 
     for rule in schedule_rules():
         try:

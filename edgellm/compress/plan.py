@@ -28,6 +28,26 @@ NEEDS_CALIB = ("static int8 needs calibration data",
 INT8_TOLERANCE = 0.1
 
 
+def check_options(prune, prune_mode, quantize, calib, eval, max_drop, finetune) -> None:
+    """The compression options' own rules, one EdgeError line each (edgellm.recipe.Recipe checks a build's with this)."""
+    from edgellm.compress import prune as cprune
+    from edgellm.compress import quantize as cquant
+
+    if prune is not None:
+        if not 0.0 < float(prune) < 1.0:
+            raise EdgeError(f"--prune {prune} is not between 0 and 1", "e.g. --prune 0.3 removes 30% of channels")
+        if prune_mode not in cprune.MODES:
+            raise EdgeError(f"unknown --prune-mode {prune_mode!r}", f"use one of {', '.join(cprune.MODES)}")
+    if quantize is not None and quantize not in cquant.MODES:
+        raise EdgeError(f"unknown --quantize {quantize!r}", f"use one of {', '.join(cquant.MODES)}")
+    if max_drop is not None and max_drop < 0:
+        raise EdgeError(f"--max-drop {max_drop} is negative", "give percentage points, e.g. --max-drop 1.0")
+    if prune is None and quantize is None and (calib or eval or max_drop is not None):
+        raise EdgeError("--calib, --eval and --max-drop go with --prune or --quantize")
+    if finetune is not None and prune is None:
+        raise EdgeError("--finetune goes with --prune", "add --prune R, or drop --finetune")
+
+
 @dataclass
 class Plan:
     prune: float | None = None
@@ -47,22 +67,7 @@ class Plan:
     _note: str = ""
 
     def __post_init__(self):
-        from edgellm.compress import prune as cprune
-        from edgellm.compress import quantize as cquant
-
-        if self.prune is not None:
-            if not 0.0 < float(self.prune) < 1.0:
-                raise EdgeError(f"--prune {self.prune} is not between 0 and 1", "e.g. --prune 0.3 removes 30% of channels")
-            if self.prune_mode not in cprune.MODES:
-                raise EdgeError(f"unknown --prune-mode {self.prune_mode!r}", f"use one of {', '.join(cprune.MODES)}")
-        if self.quantize is not None and self.quantize not in cquant.MODES:
-            raise EdgeError(f"unknown --quantize {self.quantize!r}", f"use one of {', '.join(cquant.MODES)}")
-        if self.max_drop is not None and self.max_drop < 0:
-            raise EdgeError(f"--max-drop {self.max_drop} is negative", "give percentage points, e.g. --max-drop 1.0")
-        if not self.active and (self.calib or self.eval or self.max_drop is not None):
-            raise EdgeError("--calib, --eval and --max-drop go with --prune or --quantize")
-        if self.finetune is not None and self.prune is None:
-            raise EdgeError("--finetune goes with --prune", "add --prune R, or drop --finetune")
+        check_options(self.prune, self.prune_mode, self.quantize, self.calib, self.eval, self.max_drop, self.finetune)
         if isinstance(self.finetune, str):
             from edgellm.source import load_function
 

@@ -1,4 +1,10 @@
 import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +65,65 @@ def test_bad_target_files_are_named(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(EdgeError, match=message):
         targets.resolve(str(path))
+
+
+MYBOX = 'name = "{name}"\ndescription = "my own box"\narch = "x86_64"\nbackends = ["tvm"]\n[tvm]\nkind = "llvm"\n'
+
+
+def test_edgellm_targets_folders_add_and_replace_targets_and_say_where_from(tmp_path, monkeypatch):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    (first / "mybox.toml").write_text(MYBOX.format(name="mybox"))
+    (second / "mybox.toml").write_text(MYBOX.format(name="mybox").replace("my own box", "shadowed"))
+    (second / "x86_64.toml").write_text(MYBOX.format(name="x86_64"))
+    monkeypatch.setenv("EDGELLM_TARGETS", os.pathsep.join([str(first), str(second)]))
+    found = targets.found()
+    assert found["mybox"][1] == f"EDGELLM_TARGETS:{first}" and found["mybox"][0].description == "my own box"  # first folder wins
+    assert found["x86_64"][1] == f"EDGELLM_TARGETS:{second}"  # a user's file replaces the bundled one of that name
+    assert found["arm64"][1] == "bundled"
+    assert targets.resolve("mybox").description == "my own box"
+    assert targets.host().name in ("x86_64", "x86_64-avx512", "arm64", "rpi4", "rpi5", "jetson-orin-cpu")
+    assert targets.host().to_dict() == targets._scan(targets.bundled_dir())[targets.host().name].to_dict()  # never a user file
+
+
+def test_bad_edgellm_targets_folder_and_misnamed_file_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGELLM_TARGETS", str(tmp_path / "missing"))
+    with pytest.raises(EdgeError, match="EDGELLM_TARGETS names .*missing, which is not a folder"):
+        targets.all_targets()
+    (tmp_path / "box.toml").write_text(MYBOX.format(name="other"))
+    monkeypatch.setenv("EDGELLM_TARGETS", str(tmp_path))
+    with pytest.raises(EdgeError, match="names itself 'other'"):
+        targets.resolve("box")
+
+
+def test_bundled_targets_are_the_top_level_folder_and_none_are_inside_the_package():
+    root = Path(__file__).resolve().parents[2]
+    assert targets.bundled_dir() == root / "targets"
+    assert sorted(p.stem for p in (root / "targets").glob("*.toml")) == sorted(targets._scan(root / "targets"))
+    assert not list((root / "edgellm").rglob("*.toml"))
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_targets_and_the_installed_package_finds_them(tmp_path):
+    """pyproject + setup.py put targets/*.toml into the wheel as edgellm/_targets (an unpacked wheel is an install)."""
+    root = Path(__file__).resolve().parents[2]
+    src = tmp_path / "src"  # a copy: building in place would leave build/ and *.egg-info in the checkout
+    for name in ("edgellm", "targets"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy2(root / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "No module named pip" in proc.stderr:
+        pytest.skip("pip is not installed")
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("edgellm-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        z.extractall(tmp_path / "site")
+    shipped = sorted(Path(n).stem for n in names if n.startswith("edgellm/_targets/") and n.endswith(".toml"))
+    assert shipped == sorted(p.stem for p in (root / "targets").glob("*.toml"))
+    out = subprocess.run([sys.executable, "-c", "import json, edgellm.targets as t; print(json.dumps([str(t.bundled_dir()), sorted(t.all_targets())]))"],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, check=True)
+    where, names = json.loads(out.stdout)
+    assert where == str(tmp_path / "site" / "edgellm" / "_targets") and names == shipped

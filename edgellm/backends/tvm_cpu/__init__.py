@@ -5,7 +5,8 @@ dataflow lowering, finalize) plus
 
 * before legalization: BN folding, ``clip`` -> min/max, NHWC/HWIO conv layout
   (``relax_passes.py``);
-* after fusion: edgellm's schedule rules (dlight ``ScheduleRule`` s), applied like
+* after fusion: edgellm's schedule rules (dlight ``ScheduleRule`` s; ``rules=`` puts others, e.g.
+  the int8 ones from ``edgellm.backends.tvm_int8``, in front), applied like
   ``tvm.s_tir.dlight.ApplyDefaultSchedule`` -- tried in order, the first that returns a
   schedule wins, each returns None on a function it cannot handle -- by
   ``apply.ApplyVerifiedSchedule``, which also rejects a schedule that fails to lower
@@ -36,7 +37,8 @@ __all__ = ["pipeline"]
 
 
 def schedule_rules():
-    """The ScheduleRules applied after fusion, in priority order."""
+    """The fp32 ScheduleRules applied after fusion, in priority order. The int8 rules plug in before
+    them (``edgellm.backends.tvm_int8.schedule_rules``); this package imports nothing above it."""
     from tvm.s_tir import dlight
 
     from .conv import ConvNHWC
@@ -45,10 +47,7 @@ def schedule_rules():
     from .matmul import Matmul
     from .reduction import Pooling, RowReduction
 
-    from edgellm.backends.tvm_int8 import int8_rules  # only match the int8 rewrite's packed dense kernels
-
     return [
-        *int8_rules(),
         Matmul(),
         ConvNHWC(),
         DepthwiseNHWC(),
@@ -89,11 +88,12 @@ def vm_lower_passes(target: "tvm.target.Target") -> list:
     return passes
 
 
-def pipeline(target: "tvm.target.Target", before_rules: list | tuple = ()) -> "tvm.transform.Pass":
+def pipeline(target: "tvm.target.Target", before_rules: list | tuple = (), rules: list | None = None) -> "tvm.transform.Pass":
     """A Relax->VM pipeline usable as tvm.compile(mod, target, relax_pipeline=pipeline(target)).
 
     ``before_rules``: passes that schedule some functions first (e.g. a tuning database);
-    the rules then take what is left unscheduled."""
+    the rules then take what is left unscheduled. ``rules``: the schedule rules [default:
+    ``schedule_rules()``; edgellm's build uses ``tvm_int8.schedule_rules()``, the int8 rules first]."""
     from .apply import ApplyVerifiedSchedule
 
     if not isinstance(target, tvm.target.Target):
@@ -105,7 +105,7 @@ def pipeline(target: "tvm.target.Target", before_rules: list | tuple = ()) -> "t
             seq = tvm.transform.Sequential(
                 pre_schedule_passes(target)
                 + list(before_rules)
-                + [ApplyVerifiedSchedule(*schedule_rules())]
+                + [ApplyVerifiedSchedule(*(schedule_rules() if rules is None else rules))]
                 + vm_lower_passes(target)
             )
             mod = seq(mod)

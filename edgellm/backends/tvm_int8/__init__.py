@@ -10,8 +10,8 @@
    im2col) -> quantize + packed int8 dense (``compute.py``) + dequantize, weights int8 per
    channel packed as constants; each epilogue's dequantize ... requantize chain folded to one
    multiply-add + clamp;
-4. the usual pipeline; ``int8_rules()`` (registered first in ``tvm_cpu.schedule_rules``)
-   schedules the packed dense with VNNI (``x86.py``) or sdot (``arm.py``).
+4. the usual pipeline with ``schedule_rules()``: ``int8_rules()`` first, then ``tvm_cpu``'s;
+   the int8 rules schedule the packed dense with VNNI (``x86.py``) or sdot (``arm.py``).
 
 Also (static mode) depthwise convs after an int8 dense or an fp32 conv read 8-bit activations with int8
 weights (f32 arithmetic, ``compute.depthwise_dq_te``), and (both modes) large embedding tables
@@ -34,6 +34,20 @@ def int8_rules() -> list:
     from .x86 import PackedDenseX86
 
     return [Im2col(), PackedDenseX86(), DepthwiseU8X86(), *arm_rules()]
+
+
+def schedule_rules() -> list:
+    """edgellm's whole rule set: the int8 rules (they match only the int8 rewrite's kernels), then tvm_cpu's fp32 rules."""
+    from edgellm.backends.tvm_cpu import schedule_rules as fp32_rules
+
+    return [*int8_rules(), *fp32_rules()]
+
+
+def pipeline(target, before_rules: list | tuple = ()):
+    """tvm_cpu's pipeline with ``schedule_rules()``: what ``--pipeline edgellm`` compiles with."""
+    from edgellm.backends.tvm_cpu import pipeline as cpu_pipeline
+
+    return cpu_pipeline(target, before_rules, rules=schedule_rules())
 
 
 def _arm_isa(target) -> str:
@@ -101,10 +115,9 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
         dw = depthwise_after(mod["main"], set(chosen)) if options.get("int8_depthwise_input", True) else []
         # calibration runs the fp32 model here: compiled for this machine, whatever the target
         from edgellm import targets
-        from edgellm.backends import tvm_pipelines
 
         host = tvm.target.Target(targets.host().tvm)
-        ranges = calibrate(mod, chosen + dw, samples, input_names, host, tvm_pipelines.get("edgellm", host))
+        ranges = calibrate(mod, chosen + dw, samples, input_names, host, pipeline(host))
         plan = {n: {"mode": "static", "lo": ranges[n][0], "hi": ranges[n][1]} for n in chosen}
         plan.update({n: {"mode": "depthwise_8bit_input", "lo": ranges[n][0], "hi": ranges[n][1]} for n in dw})
     else:
