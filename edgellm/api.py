@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import platform
 import tempfile
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from edgellm import __version__, backends, targets
+from edgellm.build_result import BuildResult, Progress, _stage
 from edgellm.errors import EdgeError
 from edgellm.package import check_output, narrowed, npz_bytes, write_package
 from edgellm.recipe import BuildRecipe, Recipe  # noqa: F401  (edgellm.BuildRecipe, edgellm.Recipe)
@@ -29,28 +26,6 @@ STAGES = ("source", "trace", "compile", "verify", "package")
 # Measured on the same Relax graph compiled for this CPU: rel. error 8e-5 (mobilenet-v2), 1.6e-4 (MiniLM).
 FP16_TOLERANCE = 1e-2
 FP16_MIN_COSINE = 0.999
-
-# progress(stage, seconds, detail): seconds is None when the stage starts
-Progress = Callable[[str, "float | None", str], None]
-
-
-@dataclass
-class BuildResult:
-    path: Path
-    manifest: dict
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-@contextmanager
-def _stage(name: str, progress: Progress | None, seconds: dict, detail: list):
-    """Time a stage and report its start and end; ``detail`` collects its one-line summary."""
-    if progress:
-        progress(name, None, "")
-    t0 = time.perf_counter()
-    yield
-    seconds[name] = time.perf_counter() - t0
-    if progress:
-        progress(name, seconds[name], detail[0] if detail else "")
 
 
 def _local_engine(compiled, target: targets.Target):
@@ -145,7 +120,8 @@ def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", 
           pipeline: str | None = None, tolerance: float | None = None, prune: float | None = None, prune_mode: str | None = None,
           prune_importance: str | None = None, finetune=None, quantize: str | None = None, calib: str | None = None,
           eval: str | None = None, max_drop: float | None = None, tune: int | None = None, tuning_db: str | Path | None = None,
-          tune_budget: float | None = None, fp16: bool | None = None, precision: str | None = None, **fields) -> BuildResult:
+          tune_budget: float | None = None, fp16: bool | None = None, precision: str | None = None, weights: str | None = None,
+          max_seq_len: int | None = None, **fields) -> BuildResult:
     """source (-> prune) -> trace (-> samples) -> compile -> verify (-> measure, for backend="auto") (-> evaluate)
     -> package. Writes ``output`` atomically, and nothing when any stage fails.
 
@@ -160,7 +136,8 @@ def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", 
 
     given = dict(backend=backend, input_shapes=input_shapes, pipeline=pipeline, tolerance=tolerance, prune=prune, prune_mode=prune_mode,
                  prune_importance=prune_importance, finetune=finetune, quantize=quantize, calib=calib, eval=eval, max_drop=max_drop,
-                 tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16, precision=precision)
+                 tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16, precision=precision, weights=weights,
+                 max_seq_len=max_seq_len)
     recipe, finetune_fn = make_recipe(source, target, **{k: v for k, v in given.items() if v is not None}, **fields)
     if recipe.is_language_model:  # a .gguf file, a transformers folder, zoo:smollm2-135m: edgellm/llm/build.py
         from edgellm.llm.build import TOLERANCE, build_lm

@@ -399,7 +399,8 @@ def bundle_runtime(target, output, python_version, as_json):
 def bench(sources, runs, warmup, threads, as_json, html, quantize, calib, tune, tune_budget, lm_weights, prompt_len, gen_len, ov_ir):
     """Time SOURCES (zoo:NAME, file.py:fn, model.onnx) with edgellm against PyTorch, ONNX Runtime and OpenVINO; a language
     model (.gguf, transformers folder, zoo:smollm2-135m) against llama.cpp, transformers and OpenVINO GenAI."""
-    from edgellm.bench import bench as run_bench, format_table, write_html
+    from edgellm.bench import bench as run_bench
+    from edgellm.bench import format_table, write_html
     from edgellm.llm.source import is_lm_source
 
     console = _console()

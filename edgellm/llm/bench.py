@@ -122,8 +122,9 @@ def write_html(report: dict, path: str | Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from html import escape
+
+    import matplotlib.pyplot as plt
 
     names = list(report["engines"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(names) + 1.5))

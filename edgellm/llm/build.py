@@ -28,7 +28,7 @@ PROMPT = "Turn on the kitchen lights and tell me tomorrow's weather in Paris."
 
 
 def _stage_runner(progress, seconds):
-    from edgellm.api import _stage
+    from edgellm.build_result import _stage
 
     return lambda name, detail: _stage(name, progress, seconds, detail)
 
@@ -80,7 +80,7 @@ def package_perplexity(lm, ids: list[int], size: int) -> float:
 
 def build_lm(source: str, target="host", output=None, *, weights: str = "fp32", max_seq_len: int | None = None,
              prefill_chunk: int = 256, tolerance: float = TOLERANCE, max_drop: float | None = None, progress=None):
-    from edgellm.api import BuildResult
+    from edgellm.build_result import BuildResult
     from edgellm.llm import source as sources
     from edgellm.llm import weights as wt
     from edgellm.llm.compile import compile_lm

@@ -57,5 +57,5 @@ class LMConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LMConfig":
+    def from_dict(cls, d: dict) -> LMConfig:
         return cls(**{**d, "eos_ids": tuple(d.get("eos_ids", ()))})

