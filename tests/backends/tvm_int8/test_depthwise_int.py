@@ -106,6 +106,7 @@ def test_supported_shapes():
     assert not dw.supported(3, 64, (2, 2))
 
 
+@pytest.mark.skipif(not CAN_RUN, reason="runs AVX-512 VNNI code: needs a CPU with it")
 @pytest.mark.parametrize("shape,kh,kw,strides", [((1, 58, 23, 1), 10, 4, (2, 2)), ((1, 9, 9, 4), 3, 3, (2, 2))])
 def test_im2col_rule_vectorizes_and_copies_exactly(shape, kh, kw, strides):
     f = im2col_primfunc(shape, "uint8", kh, kw, strides)
