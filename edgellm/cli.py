@@ -220,8 +220,18 @@ def inspect(package, as_json):
             "  outputs   " + ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in m["outputs"]),
             f"  verified  {m['verification']['status']}" + (f", error {m['verification']['rel_max_abs']:.2g} of output scale" if m["verification"]["status"] == "passed" else ""),
             f"  built     {m['created']} by edgellm {m['edgellm_version']} (format {m['format_version']})",
-            "  files",
         ]
+        if "llm" in m:  # a language model
+            lm, c = m["llm"], m["llm"]["config"]
+            acc = lm.get("accuracy", {})
+            lines.insert(3, f"  language  {c['arch']}, {c['layers']} layers, hidden {c['hidden']}, {c['heads']}/{c['kv_heads']} heads, vocab {c['vocab']}; "
+                            f"weights {lm['weights']} ({lm['schemes']['layers']['kind']} layers, {lm['schemes']['head']['kind']} head); "
+                            f"KV cache {lm['max_seq_len']} tokens; tokenizer {'yes' if lm['tokenizer'] else 'no'}, chat template "
+                            f"{'yes' if lm.get('chat_template') else 'no'}")
+            if "perplexity" in acc:
+                lines.insert(4, f"  accuracy  perplexity {acc['perplexity']:.3f} on {acc['text_tokens']} tokens (fp32 {acc['perplexity_fp32']:.3f}), "
+                                f"greedy agreement with fp32 {acc['greedy_agreement']:.0%}")
+        lines.append("  files")
         lines += [f"    {name:<16} {f['size']:>10,} B  sha256 {f['sha256'][:16]}…" for name, f in m["files"].items()]
         click.echo("\n".join(lines))
 
@@ -243,6 +253,8 @@ def run(package, inputs, output, threads, as_json):
     from edgellm.runtime.__main__ import read_inputs
 
     model = runtime.load(package, threads=threads)
+    if not isinstance(model, runtime.Model):
+        model.run()  # a language model: the error says to generate instead
     outputs = model.run(**read_inputs(model, list(inputs)))
     if output:
         if not output.endswith(".npz"):

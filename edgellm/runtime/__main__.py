@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         from edgellm.runtime.lm import LanguageModel
 
         model = load(args.package, threads=args.threads)
+        if args.command == "run" and isinstance(model, LanguageModel):
+            model.run()  # raises: generate instead
         if args.command == "run":
             outputs = model.run(**read_inputs(model, args.input))
             if args.output:
