@@ -31,4 +31,7 @@ def gather_rows(layer: Linear, ids: Tensor) -> Tensor:
 
 def schedule_passes(target) -> list:
     """Passes that put the linear kernels' own schedules in place before edgellm's generic rules."""
-    return [qlinear.schedule_pass(target)]
+    from edgellm.backends.tvm_cpu.apply import ApplyVerifiedSchedule
+    from edgellm.llm.norm import RMSNormRule
+
+    return [ApplyVerifiedSchedule(*qlinear.schedule_rules(), RMSNormRule())]

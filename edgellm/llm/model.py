@@ -17,6 +17,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from edgellm.llm.config import LMConfig
 from edgellm.llm.layers import Linear as QuantLinear
 from edgellm.llm.layers import gather_rows
+from edgellm.llm.norm import RMSNorm
 from edgellm.llm.weights import Scheme
 
 
@@ -26,8 +27,8 @@ class Attention(nn.Module):
         self.qkv = QuantLinear(c.hidden, c.q_size + 2 * c.kv_size, scheme.kind, scheme.group, bias=c.qkv_bias)
         self.o = QuantLinear(c.q_size, c.hidden, scheme.kind, scheme.group)
         if c.qk_norm:
-            self.q_norm = nn.RMSNorm(c.head_dim, -1, c.rms_eps, bias=False)
-            self.k_norm = nn.RMSNorm(c.head_dim, -1, c.rms_eps, bias=False)
+            self.q_norm = RMSNorm(c.head_dim, c.rms_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_eps)
 
     def forward(self, x: Tensor, cache: PagedKVCache, layer: int) -> Tensor:
         c = self.c
@@ -55,8 +56,8 @@ class Layer(nn.Module):
     def __init__(self, c: LMConfig, scheme: Scheme):
         self.attn = Attention(c, scheme)
         self.mlp = MLP(c, scheme)
-        self.attn_norm = nn.RMSNorm(c.hidden, -1, c.rms_eps, bias=False)
-        self.ffn_norm = nn.RMSNorm(c.hidden, -1, c.rms_eps, bias=False)
+        self.attn_norm = RMSNorm(c.hidden, c.rms_eps)
+        self.ffn_norm = RMSNorm(c.hidden, c.rms_eps)
 
     def forward(self, x: Tensor, cache: PagedKVCache, layer: int) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cache, layer)
@@ -70,7 +71,7 @@ class CausalLM(nn.Module):
         self.c = c
         self.target = target
         self.layers = nn.ModuleList([Layer(c, layer_scheme) for _ in range(c.layers)])
-        self.norm = nn.RMSNorm(c.hidden, -1, c.rms_eps, bias=False)
+        self.norm = RMSNorm(c.hidden, c.rms_eps)
         self.lm_head = QuantLinear(c.hidden, c.vocab, head_scheme.kind, head_scheme.group)
         if not c.tie_embeddings:  # a table of its own, stored like the head (a gather reads it; no matmul)
             self.embed = QuantLinear(c.hidden, c.vocab, head_scheme.kind, head_scheme.group)
