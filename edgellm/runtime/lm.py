@@ -112,6 +112,9 @@ class LanguageModel:
                                                      Shape([PAGE_SIZE]), Shape([0]))
         get("vm.builtin.kv_state_add_sequence")(self._kv, 0)
         self._fns = {name: self._vm[name] for name in ("prefill", "prefill_logits", "decode")}
+        self._seq0, self._one = Shape([0]), Shape([1])
+        self._decode_in = tvm.runtime.empty((1, 1), "int32", self._dev)
+        self._decode_view = np.from_dlpack(self._decode_in)
         self._cached: list[int] = []  # the tokens whose keys and values the cache holds
         self._lock = threading.RLock()
         self._tokenizer = None
@@ -126,14 +129,22 @@ class LanguageModel:
     # ------------------------------------------------------------ the model
 
     def _forward(self, fn: str, ids: list[int]) -> np.ndarray:
-        """Run ``fn`` on tokens appended to the cache; logits as float32 numpy."""
-        self._begin(self._kv, self._shape([0]), self._shape([len(ids)]))
+        """Run ``fn`` on tokens appended to the cache; logits as float32 numpy (a view: use it before the next call)."""
+        if fn == "decode":  # the per-token path: its input tensor and shapes are made once
+            if self._decode_view.flags.writeable:
+                self._decode_view[0, 0] = ids[0]
+            else:  # numpy < 2 gives read-only DLPack views
+                self._decode_in.copyfrom(np.asarray([ids], np.int32))
+            tokens, lengths = self._decode_in, self._one
+        else:
+            tokens, lengths = self._tvm.runtime.tensor(np.asarray(ids, np.int32)[None], self._dev), self._shape([len(ids)])
+        self._begin(self._kv, self._seq0, lengths)
         try:
-            out = self._fns[fn](self._tvm.runtime.tensor(np.asarray(ids, np.int32)[None], self._dev), self._kv, self._params)
+            out = self._fns[fn](tokens, self._kv, self._params)
         finally:
             self._end(self._kv)
         self._cached.extend(ids)
-        return out[0].numpy()
+        return np.from_dlpack(out[0])
 
     def _prefill(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
         """Append ``ids`` in chunks the package was built for; the last position's logits (or every position's)."""

@@ -91,3 +91,25 @@ def test_rpi5_int4_package_verifies_under_emulation(packages, tmp_path):
     assert result["passed"], result["problem"]
     x86 = rt.load(packages("int4").path)
     assert result["tokens"] == x86.generate(x86._reference["prompt"].tolist(), 16, ignore_eos=True)
+
+
+def test_cli_generate_profile_and_inspect(packages):
+    import json
+
+    from tests.conftest import run_cli
+
+    path = str(packages("int4").path)
+    proc = run_cli("generate", path, "--prompt", MESSAGES[1], "--max-new-tokens", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    lm = rt.load(path)
+    ids = lm.encode(lm.apply_chat_template([{"role": "user", "content": MESSAGES[1]}]))
+    assert result["prompt_tokens"] == len(ids) and result["new_tokens"] == [t for t in lm.generate(ids, 12) if t not in lm.eos_ids]
+    assert result["text"] == lm.decode(result["new_tokens"])
+    proc = run_cli("profile", path, "--prompt-len", "32", "--gen-len", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["schema"] == "edgellm.lm-profile/1" and report["decode_tok_s"] > 0 and report["prefill_tok_s"] > 0
+    assert report["memory_mb"]["weights"] > 80 and report["long_context"]["prompt_tokens"] > 32
+    proc = run_cli("inspect", path)
+    assert proc.returncode == 0 and "weights int4 (q4 layers, q8 head)" in proc.stdout
