@@ -79,6 +79,8 @@ class LanguageModel:
         from edgellm.runtime.engines.tvm import import_tvm, set_threads
 
         t0 = time.perf_counter()
+        tvm = import_tvm()
+        self._rss_baseline = _rss_mb()[0]  # this process with the runtime loaded, before the model: the runtime's own baseline
         self.path = Path(path)
         self.manifest, members = loaded if loaded else read_package(self.path)
         members = dict(members)
@@ -89,7 +91,6 @@ class LanguageModel:
         self.prefill_chunk = int(lm["prefill_chunk"])
         self.eos_ids = set(self.config.get("eos_ids") or [])
         self.threads = threads or device.cpu_count()
-        tvm = import_tvm()
         set_threads(tvm, self.threads)
         self._tvm = tvm
         self._dev = tvm.cpu(0)
@@ -315,7 +316,6 @@ class LanguageModel:
         long_context = long_context or max(prompt_len, (self.max_seq_len - gen_len) * 3 // 4)
         if prompt_len + gen_len > self.max_seq_len:
             raise GenerationError(f"prompt {prompt_len} + generation {gen_len} tokens exceed max-seq-len {self.max_seq_len}")
-        rss_before, _ = _rss_mb()
         rss_peak = 0.0
 
         def one(n_prompt: int) -> dict:
@@ -351,8 +351,10 @@ class LanguageModel:
             "ttft_ms": med("ttft_ms", short), "prefill_tok_s": med("prefill_tok_s", short), "decode_tok_s": med("decode_tok_s", short),
             "long_context": ({"prompt_tokens": long_context, "ttft_ms": long["ttft_ms"], "prefill_tok_s": long["prefill_tok_s"],
                               "decode_tok_s": long["decode_tok_s"]} if long else None),
-            "memory_mb": {"rss_generating": max(rss_peak, rss_now), "rss_peak": rss_hwm, "rss_before": rss_before,
-                          "weights": weights_mb, "kv_cache": kv_mb},
+            "memory_mb": {"rss_generating": max(rss_peak, rss_now), "rss_peak": rss_hwm, "baseline": self._rss_baseline,
+                          "weights": weights_mb, "kv_cache": kv_mb,
+                          # resident memory while generating, above the baseline, per MB of weights + KV cache
+                          "overhead_ratio": (max(rss_peak, rss_now) - self._rss_baseline) / (weights_mb + kv_mb)},
             "load_ms": self.load_ms,
         }
 

@@ -136,6 +136,7 @@ def format_lm_report(report: dict) -> str:
     if long:
         lines.append(f"  long context ({long['prompt_tokens']} tokens): first token {long['ttft_ms']:.0f} ms, "
                      f"prefill {long['prefill_tok_s']:.0f} tok/s, decode {long['decode_tok_s']:.1f} tok/s")
-    lines.append(f"  memory: {mem['rss_generating']:.0f} MB resident while generating (weights {mem['weights']:.0f} MB, "
-                 f"KV cache {mem['kv_cache']:.0f} MB, before loading {mem['rss_before']:.0f} MB); peak {mem['rss_peak']:.0f} MB; load {report['load_ms']:.0f} ms")
+    lines.append(f"  memory: {mem['rss_generating']:.0f} MB resident while generating = runtime baseline {mem['baseline']:.0f} MB + "
+                 f"{mem['overhead_ratio']:.2f} x (weights {mem['weights']:.0f} MB + KV cache {mem['kv_cache']:.0f} MB); "
+                 f"peak while loading {mem['rss_peak']:.0f} MB; load {report['load_ms']:.0f} ms")
     return "\n".join(lines)
