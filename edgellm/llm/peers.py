@@ -135,6 +135,9 @@ def _hf_model(model_dir_or_gguf: str):
         from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise PeerUnavailable(f"torch/transformers not installed ({e})") from e
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its loading bars would break the bench's own lines
     path = Path(model_dir_or_gguf)
     if not path.exists():
         raise PeerUnavailable(f"model not found: {path}")
