@@ -7,7 +7,9 @@ definition, correct on any target, marked with the PrimFunc attribute ``ATTR``);
 One PrimFunc holds both paths and branches on the dynamic row count ``b*s``: below the matmul's
 tile height MR (6 on AVX2) a GEMV (weights unpacked in registers, the group scale applied once per
 group: sum_k x_k (q_k d + m) = d sum_k x_k q_k + m sum_k x_k), otherwise a matmul over a
-dequantized ``K x NR`` weight panel per parallel task with an MR x NR register tile.
+dequantized ``K x NR`` weight panel per parallel task with an MR x NR register tile. On AVX2 the
+q4 GEMV quantizes x per group of 32 and uses integer dot products (vpmaddubsw) instead of unpacking
+nibbles to float (``INTDOT``: 15-bit x by default, near exact; 8-bit x like llama.cpp optionally).
 
 Schemes and layouts (what ``pack`` returns and ``QuantLinear`` declares):
 
@@ -27,6 +29,8 @@ panels are then contiguous too. ``QuantLinear.gather`` reads rows back (a tied e
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import tvm
@@ -54,6 +58,12 @@ ATTR = "edgellm.qlinear"
 Q4_GROUP = 32
 #: quantized rows interleaved per block
 IL = 16
+#: q4 decode GEMV on AVX2 with integer dot products (vpmaddubsw, u8 nibbles x s8 activations) on
+#: the activations quantized per group of 32 (scale amax / qmax, exact float sum of the quantized
+#: values per group, as GGUF's Q8_1): "i16" (default) rounds x to 15 bits split into two int8
+#: parts (max error ~5e-5 of the largest output), "i8" to 8 bits like llama.cpp (~5e-3, a little
+#: faster); "" / "0" keeps the float GEMV. Env EDGELLM_QLINEAR_INTDOT; other targets: float.
+INTDOT = os.environ.get("EDGELLM_QLINEAR_INTDOT", "i16").strip().lower()
 
 # GGUF: name -> (ggml_type id, bytes per 32-element block)
 _GGUF_TYPES = {"Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 34)}
@@ -273,6 +283,20 @@ def _isa(target) -> tuple[int, int]:
     return vector_lanes(target), num_vector_registers(target)
 
 
+def _has_avx2(target) -> bool:
+    """True for an x86 llvm target with AVX2 (x86-64-v3 and up): the q4 decode GEMV's integer path."""
+    from edgellm.backends.tvm_cpu.target_info import _AVX2_CPUS, _AVX512_CPUS, _attrs
+
+    if target is None or target.kind.name != "llvm":
+        return False
+    mcpu, mattr, mtriple = _attrs(target)
+    if mtriple and not mtriple.startswith(("x86_64", "i686", "i386", "amd64")):
+        return False
+    if "-avx2" in mattr:
+        return False
+    return "+avx2" in mattr or "+avx512f" in mattr or mcpu in _AVX2_CPUS or mcpu in _AVX512_CPUS
+
+
 def _unroll_div(n: int, cap: int = 8) -> int:
     u = min(n, cap)
     while n % u:
@@ -280,11 +304,21 @@ def _unroll_div(n: int, cap: int = 8) -> int:
     return u
 
 
-def kernel(scheme: str, n: int, k: int, group: int, target, b=None, s=None, rows: int | None = None) -> tirx.PrimFunc:
+def kernel(scheme: str, n: int, k: int, group: int, target, b=None, s=None, rows: int | None = None,
+           intdot: bool | None = None) -> tirx.PrimFunc:
     """The scheduled fused kernel (x [b, s, K], weights..., out [b, s, N]) for ``target``.
     ``b``/``s``: the ints or tirx.Vars of the call's shape (fresh vars when None); ``rows``: the
-    f32 GEMV's rows per task (tuning)."""
+    f32 GEMV's rows per task (tuning); ``intdot``: the q4 decode GEMV's integer form, "i16",
+    "i8" or False (float; None: ``INTDOT`` on AVX2 targets, float elsewhere; see ``INTDOT``)."""
     lanes, nregs = _isa(target)
+    if intdot is None:
+        intdot = INTDOT if _has_avx2(target) else False
+    if intdot is True:
+        intdot = "i16"
+    if intdot in ("", "0", "off", "false", "none"):
+        intdot = False
+    if intdot not in (False, "i8", "i16"):
+        raise ValueError(f"intdot {intdot!r}: 'i16', 'i8' or False")
     g = _default_group(scheme, k, group)
     L = lanes
     while L > 4 and (g % L or k % L):
@@ -429,6 +463,127 @@ def kernel(scheme: str, n: int, k: int, group: int, target, b=None, s=None, rows
         byte = T.Cast("int32", Q[blk, c, j])
         return T.Cast("float32", (byte & 240) if high else (byte & 15))
 
+    @T.macro
+    def gemv_q4_float(Xf, Of, Q, D, Z, M):
+        # lanes along N; sum_k x_k (q_k d + m) = d * sum_k x_k q_k + m * sum_k x_k per group,
+        # with four partial sums (low/high nibble x even/odd byte) to hide the FMA latency
+        xs = T.decl_buffer((MR, ng), "float32")
+        for m in range(M):
+            for gi in range(ng):
+                xs[m, gi] = T.float32(0)
+                for i in range(32):
+                    xs[m, gi] = xs[m, gi] + Xf[m, gi * 32 + i]
+        for nb in T.parallel(n // IL):
+            acc = T.decl_buffer((IL,), "float32", scope="local")
+            t = T.decl_buffer((4, IL), "float32", scope="local")
+            for m in range(M):
+                for j in T.vectorized(IL):
+                    acc[j] = T.float32(0)
+                for gi in range(ng):
+                    for p in T.unroll(4):
+                        for j in T.vectorized(IL):
+                            t[p, j] = T.float32(0)
+                    for i2 in T.unroll(8):
+                        for e in T.unroll(2):
+                            for j in T.vectorized(IL):
+                                t[e, j] = t[e, j] + Xf[m, gi * 32 + i2 * 2 + e] * nib(Q, nb, gi * 16 + i2 * 2 + e, j, False)
+                            for j in T.vectorized(IL):
+                                t[2 + e, j] = t[2 + e, j] + Xf[m, gi * 32 + 16 + i2 * 2 + e] * nib(Q, nb, gi * 16 + i2 * 2 + e, j, True)
+                    for j in T.vectorized(IL):
+                        acc[j] = acc[j] + ((t[0, j] + t[1, j]) + (t[2, j] + t[3, j]) * T.float32(0.0625)) * T.Cast("float32", D[nb, gi, j]) + T.Cast("float32", Z[nb, gi, j]) * xs[m, gi]
+                for j in T.vectorized(IL):
+                    Of[m, nb * IL + j] = acc[j]
+
+    # integer q4 GEMV (AVX2, ``INTDOT``): per group of 32, x -> xq = round(x / dx), dx = amax / qmax,
+    # and sum_k x_k (q_k d + m) ~= d dx sum_k xq_k q_k + m dx sum_k xq_k (exact for x rounded to
+    # xq dx). A 64-byte load holds byte columns c..c+3 of 16 rows; vpunpck{l,h}bw of its halves give
+    # U0 = [rows 0-7 of (c, c+2) | rows 0-7 of (c+1, c+3)] (U1: rows 8-15), each 16-bit lane one row's
+    # two bytes, so vpmaddubsw (u8 nibbles x s8 x, from a table of the matching 32-byte patterns
+    # built once per call) sums two k per row into int16. A group's 8 products per lane stay within
+    # 8 * 15 * 256 = 30720 (no saturation); then int32 (sign extension) and one float FMA per group.
+    def _u_idx(u):
+        return [T.int32(((lane + 2 * e) * 16) + u * 8 + r) for lane in range(2) for r in range(8) for e in range(2)]
+
+    def _half(u):
+        return [T.int32(u * 8 + i) for i in range(8)]
+
+    def pmadd(a, bx):
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a, bx,
+                                       dtype="int16x16")
+
+    # x parts per k: "i8" one (xq = round(x / dx), dx = amax / 127); "i16" two, xq = round(x / dx) with
+    # dx = amax / 16383 split as 128 * xh + xl (xh in [-128, 127], xl in [0, 127]): twice the
+    # vpmaddubsw, error ~1/128 of i8's
+    XP = 2 if intdot == "i16" else 1
+    QMAX = 16383.0 if XP == 2 else 127.0
+
+    def xpart(v, p):
+        if XP == 1:
+            return T.Cast("int8", v)
+        return T.Cast("int8", T.Select(p == 0, v >> 7, v & 127))
+
+    def itot(sacc, u):
+        def isum(p):
+            return T.Cast("int32x8", T.Shuffle([sacc.vload([(u * XP + p) * 16], "int16x16")], _half(0))) + T.Cast(
+                "int32x8", T.Shuffle([sacc.vload([(u * XP + p) * 16], "int16x16")], _half(1)))
+        return isum(0) if XP == 1 else isum(0) * T.broadcast(T.int32(128), 8) + isum(1)
+
+    @T.macro
+    def gemv_q4_int(Xf, Of, Q, D, Z, M):
+        xs = T.decl_buffer((MR, ng), "float32")
+        xd = T.decl_buffer((MR, ng), "float32")
+        xt = T.decl_buffer((MR * k * 8 * XP,), "int8")
+        for m in range(M):
+            for gi in range(ng):
+                st = T.decl_buffer((3,), "float32", scope="local")
+                st[0] = T.float32(0)
+                st[1] = T.float32(0)
+                for i in range(32):
+                    st[1] = T.max(st[1], T.abs(Xf[m, gi * 32 + i]))
+                xd[m, gi] = st[1] * T.float32(1.0 / QMAX)
+                st[2] = T.if_then_else(st[1] > T.float32(0), T.float32(QMAX) / st[1], T.float32(0))
+                # the sum of the quantized x (as GGUF's Q8_1): the result is then the exact product
+                # with x rounded to xq * dx, whose error scales with |w|, not with |q d|
+                for i in range(32):
+                    st[0] = st[0] + T.round(Xf[m, gi * 32 + i] * st[2])
+                xs[m, gi] = st[0] * xd[m, gi]
+                for qd in range(4):
+                    for h in range(2):
+                        for p in range(XP):
+                            for lane in range(2):
+                                for r in range(8):
+                                    for e in range(2):
+                                        xt[m * k * 8 * XP + (((gi * 4 + qd) * 2 + h) * XP + p) * 32 + lane * 16 + r * 2 + e] = xpart(
+                                            T.Cast("int32", T.round(Xf[m, gi * 32 + h * 16 + qd * 4 + lane + 2 * e] * st[2])), p)
+        Qf = T.decl_buffer((n * k // 2,), "uint8", data=Q.data)
+        for nb in T.parallel(n // IL):
+            acc = T.decl_buffer((IL,), "float32", scope="local")
+            sacc = T.decl_buffer((32 * XP,), "int16", scope="local")
+            for m in range(M):
+                for j in T.vectorized(IL):
+                    acc[j] = T.float32(0)
+                for gi in range(ng):
+                    for j in T.vectorized(32 * XP):
+                        sacc[j] = T.int16(0)
+                    for qd in T.unroll(4):
+                        for u in T.unroll(2):
+                            for p in T.unroll(XP):
+                                sacc[T.ramp((u * XP + p) * 16, 1, 16)] = sacc.vload([(u * XP + p) * 16], "int16x16") + pmadd(
+                                    T.Shuffle([Qf.vload([(nb * (k // 2) + gi * 16 + qd * 4) * 16], "uint8x64")], _u_idx(u))
+                                    & T.broadcast(T.uint8(15), 32),
+                                    xt.vload([m * k * 8 * XP + (((gi * 4 + qd) * 2) * XP + p) * 32], "int8x32")) + pmadd(
+                                    T.Shuffle([Qf.vload([(nb * (k // 2) + gi * 16 + qd * 4) * 16], "uint8x64")], _u_idx(u))
+                                    >> T.broadcast(T.uint8(4), 32),
+                                    xt.vload([m * k * 8 * XP + (((gi * 4 + qd) * 2 + 1) * XP + p) * 32], "int8x32"))
+                    for u in T.unroll(2):
+                        acc[T.ramp(u * 8, 1, 8)] = acc.vload([u * 8], "float32x8") + T.Cast("float32x8", itot(sacc, u)) * (
+                            T.Cast("float32x8", D.vload([nb, gi, u * 8], "float16x8")) * T.broadcast(xd[m, gi], 8)) + T.Cast(
+                            "float32x8", Z.vload([nb, gi, u * 8], "float16x8")) * T.broadcast(xs[m, gi], 8)
+                for j in T.vectorized(IL):
+                    Of[m, nb * IL + j] = acc[j]
+
+    gemv_q4 = gemv_q4_int if intdot else gemv_q4_float
+
     @T.prim_func(s_tir=True, private=True)
     def qlinear_q4(X: T.Buffer((B, S, k), "float32"), Q: T.Buffer((n // IL, k // 2, IL), "uint8"),
                    D: T.Buffer((n // IL, ng, IL), "float16"), Z: T.Buffer((n // IL, ng, IL), "float16"),
@@ -437,34 +592,7 @@ def kernel(scheme: str, n: int, k: int, group: int, target, b=None, s=None, rows
         Xf = T.decl_buffer((B * S, k), "float32", data=X.data)
         Of = T.decl_buffer((B * S, n), "float32", data=O.data)
         if B * S < MR:
-            # lanes along N; sum_k x_k (q_k d + m) = d * sum_k x_k q_k + m * sum_k x_k per group,
-            # with four partial sums (low/high nibble x even/odd byte) to hide the FMA latency
-            xs = T.decl_buffer((MR, ng), "float32")
-            for m in range(B * S):
-                for gi in range(ng):
-                    xs[m, gi] = T.float32(0)
-                    for i in range(32):
-                        xs[m, gi] = xs[m, gi] + Xf[m, gi * 32 + i]
-            for nb in T.parallel(n // IL):
-                acc = T.decl_buffer((IL,), "float32", scope="local")
-                t = T.decl_buffer((4, IL), "float32", scope="local")
-                for m in range(B * S):
-                    for j in T.vectorized(IL):
-                        acc[j] = T.float32(0)
-                    for gi in range(ng):
-                        for p in T.unroll(4):
-                            for j in T.vectorized(IL):
-                                t[p, j] = T.float32(0)
-                        for i2 in T.unroll(8):
-                            for e in T.unroll(2):
-                                for j in T.vectorized(IL):
-                                    t[e, j] = t[e, j] + Xf[m, gi * 32 + i2 * 2 + e] * nib(Q, nb, gi * 16 + i2 * 2 + e, j, False)
-                                for j in T.vectorized(IL):
-                                    t[2 + e, j] = t[2 + e, j] + Xf[m, gi * 32 + 16 + i2 * 2 + e] * nib(Q, nb, gi * 16 + i2 * 2 + e, j, True)
-                        for j in T.vectorized(IL):
-                            acc[j] = acc[j] + ((t[0, j] + t[1, j]) + (t[2, j] + t[3, j]) * T.float32(0.0625)) * T.Cast("float32", D[nb, gi, j]) + T.Cast("float32", Z[nb, gi, j]) * xs[m, gi]
-                    for j in T.vectorized(IL):
-                        Of[m, nb * IL + j] = acc[j]
+            gemv_q4(Xf, Of, Q, D, Z, B * S)
         else:
             matmul(Xf, Of, B * S, lambda wt, nb: panel_q4(Q, D, Z, wt, nb))
     return qlinear_q4

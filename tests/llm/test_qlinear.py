@@ -145,3 +145,44 @@ def test_quantize_error_is_small(scheme, group):
     w = np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)
     err = np.abs(ql.dequantize(scheme, ql.pack(scheme, w, group=group)) - w).max()
     assert err < (0.02 if scheme == "q8" else 0.25)
+
+
+def _x_rounded(x, qmax):
+    """x as the integer q4 GEMV sees it: rounded per group of 32 to qmax levels of amax."""
+    xg = x.reshape(x.shape[:-1] + (-1, 32)).astype(np.float32)
+    amax = np.abs(xg).max(-1, keepdims=True)
+    inv = np.divide(np.float32(qmax), amax, out=np.zeros_like(amax), where=amax > 0)
+    return (np.round(xg * inv) * (amax * np.float32(1.0 / qmax))).reshape(x.shape)
+
+
+@pytest.mark.parametrize("mode,qmax,tol", [("i16", 16383, 3e-4), ("i8", 127, 3e-2)])
+def test_q4_intdot_gemv(mode, qmax, tol):
+    """The AVX2 integer GEMV: exact against x rounded per group (the only approximation), and
+    within ``tol`` of the largest output against the float product; zero groups of x are fine."""
+    rng = np.random.default_rng(4)
+    n, k = 64, 256
+    arrays = ql.pack("q4", rng.standard_normal((n, k)).astype(np.float32))
+    w = ql.dequantize("q4", arrays).astype(np.float64)
+    f = ql.kernel("q4", n, k, 32, tvm.target.Target(HOST), intdot=mode)
+    assert "pmadd.ub.sw" in f.script()
+    fn = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=HOST).mod["main"]
+    for m in (1, 2, 5):
+        x = (rng.standard_normal((1, m, k)) * 4).astype(np.float32)
+        x[0, 0, 32:64] = 0
+        out = tvm.runtime.tensor(np.zeros((1, m, n), np.float32))
+        fn(tvm.runtime.tensor(x), *[tvm.runtime.tensor(a) for a in arrays.values()], out)
+        ref = _x_rounded(x, qmax).astype(np.float64) @ w.T
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        exact = x.astype(np.float64) @ w.T
+        assert np.abs(out.numpy() - exact).max() <= tol * np.abs(exact).max()
+
+
+def test_q4_intdot_only_on_avx2(monkeypatch):
+    """The default (``INTDOT``) applies on AVX2 x86 targets only; elsewhere the float GEMV."""
+    monkeypatch.setattr(ql, "INTDOT", "i16")
+    for target, want in [(HOST, True), ({"kind": "llvm", "mcpu": "x86-64-v4"}, True), ({"kind": "llvm", "mcpu": "x86-64"}, False),
+                         ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
+                           "mattr": ["+neon", "+dotprod"]}, False)]:
+        script = ql.kernel("q4", N, K, 32, tvm.target.Target(target), intdot=None).script()
+        assert ("pmadd.ub.sw" in script) == want, target
+    assert "pmadd.ub.sw" not in ql.kernel("q4", N, K, 32, tvm.target.Target(HOST), intdot=False).script()
