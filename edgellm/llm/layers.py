@@ -1,6 +1,6 @@
-"""The linear layers of a language model, by weight scheme: ``Linear`` (``qlinear.QuantLinear`` plus an optional
-bias, Qwen2's) and ``gather_rows`` (the embedding: rows of a layer's weight table, dequantized on the fly, so a
-model that ties its embedding to its output head stores the table once)."""
+"""The kernels of a language model that edgellm schedules itself: ``Linear`` (``qlinear.QuantLinear`` plus an optional
+bias, Qwen2's), ``gather_rows`` (the embedding: rows of a layer's weight table, dequantized on the fly, so a model that
+ties its embedding to its output head stores the table once), and the passes that schedule them, RMSNorm and attention."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def gather_rows(layer: Linear, ids: Tensor) -> Tensor:
 def schedule_passes(target) -> list:
     """Passes that put the linear kernels' own schedules in place before edgellm's generic rules."""
     from edgellm.backends.tvm_cpu.apply import ApplyVerifiedSchedule
+    from edgellm.llm import attention
     from edgellm.llm.norm import RMSNormRule
 
-    return [ApplyVerifiedSchedule(*qlinear.schedule_rules(), RMSNormRule())]
+    # TVM's CPU attention kernels of the paged KV cache are scalar loops: attention.py puts vectorized,
+    # parallel flash-attention bodies in their place (same parameters, same results)
+    return [attention.schedule_pass(target), ApplyVerifiedSchedule(*qlinear.schedule_rules(), RMSNormRule())]
