@@ -56,10 +56,9 @@ def test_fp32_greedy_equals_transformers(gguf, packages):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     for message in MESSAGES:
         ids = lm.encode(lm.apply_chat_template([{"role": "user", "content": message}]))
-        with torch.no_grad():
-            expected = model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
-        assert lm.generate(ids, 32) == expected[: len(lm.generate(ids, 32))]
-        assert lm.generate(ids, 32, ignore_eos=True)[: len(expected)] == expected
+        with torch.no_grad():  # greedy, stopping at EOS (which it includes), as generate() does
+            expected = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        assert lm.generate(ids, 32) == expected
 
 
 @pytest.mark.parametrize("weights, limit_pct", [("int8", 2.0), ("int4", 5.0)])
@@ -69,8 +68,9 @@ def test_compressed_perplexity_within_limits(weights, limit_pct, packages):
     assert accuracy["text_tokens"] >= 2000
     assert accuracy["perplexity_increase_pct"] <= limit_pct, accuracy
     assert built.manifest["verification"]["status"] == "passed"
-    fp32_size = packages("fp32").path.stat().st_size
-    assert built.path.stat().st_size < fp32_size * (0.4 if weights == "int8" else 0.3)
+    # weights against fp32's, as stored (uncompressed): this fp32 package deflates 2x, its values being dequantized Q4_1
+    fp32_bytes = packages("fp32").manifest["files"]["weights.npz"]["size"]
+    assert built.manifest["files"]["weights.npz"]["size"] < fp32_bytes * (0.3 if weights == "int8" else 0.2)
 
 
 def test_chat_answers_in_words(packages):
