@@ -152,3 +152,17 @@ def test_rpi5_int4_package_generates_the_x86_tokens_under_emulation(tiny_folders
     x86 = rt.load(tiny_packages("qwen2", "int4"))
     prompt = x86._reference["prompt"].tolist()
     assert result["tokens"] == x86.generate(prompt, len(result["tokens"]), ignore_eos=True)
+
+
+def test_bench_times_the_package_beside_transformers(tiny_folders, tmp_path):
+    from edgellm.llm.bench import bench_lm, format_table, write_html
+
+    report = bench_lm(str(tiny_folders["llama"]), ("int4",), threads=1, prompt_len=24, gen_len=8, runs=1, build_dir=tmp_path)
+    engines = report["engines"]
+    assert {"edgellm-int4", "transformers-fp32"} <= set(engines) and "llama.cpp" in report["skipped"]
+    for e in engines.values():
+        assert e["decode_tok_s"] > 0 and e["prefill_tok_s"] > 0 and len(e["new_tokens"]) == 8
+    assert engines["transformers-fp32"]["decode_vs_best_peer"] == 1.0
+    assert "edgellm-int4" in format_table(report)
+    write_html(report, tmp_path / "lm.html")
+    assert "data:image/png;base64," in (tmp_path / "lm.html").read_text()
