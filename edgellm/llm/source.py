@@ -217,9 +217,7 @@ def _gguf_tensor(ref: str, t) -> Tensor:
     data = np.asarray(t.data)
     if kind in CARRIED and len(shape) == 2:
         return Tensor(shape, gguf_type=kind, raw=data.reshape(shape[0], -1).view(np.uint8))
-    if kind in ("F32", "F16", "BF16") or kind in CARRIED:
-        return Tensor(shape, array=np.ascontiguousarray(dequantize(data, GGMLQuantizationType[kind]).reshape(shape), dtype=np.float32))
-    try:  # other block types (K-quants, ...): gguf-py dequantizes them; the package re-quantizes
+    try:  # F32 / F16 / BF16, 1-D blocks, and other block types (K-quants, ...): gguf-py reads them; the package quantizes
         return Tensor(shape, array=np.ascontiguousarray(dequantize(data, GGMLQuantizationType[kind]).reshape(shape), dtype=np.float32))
     except NotImplementedError:
         raise EdgeError(f"{ref}: tensor {t.name} has GGUF type {kind}, which edgellm cannot read",

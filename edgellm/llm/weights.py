@@ -116,8 +116,6 @@ def pack_all(src: LMSource, schemes: dict[str, Scheme]) -> Packed:
     for name, t in src.tensors.items():  # norms and biases: the reference takes them as they are
         if name not in deq:
             deq[name] = t.f32()
-    if c.tie_embeddings:
-        deq.setdefault("embed", deq.get("embed"))
     return Packed(params, deq, carried, requantized)
 
 
