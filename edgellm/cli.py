@@ -316,6 +316,35 @@ def generate(package, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
 
 
 @main.command()
+@click.argument("packages", nargs=-1, required=True, metavar="PKG|NAME=PKG...")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on; 0.0.0.0: every interface (give an --api-key)")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port")
+@click.option("--api-key", envvar="EDGELLM_API_KEY", help="require 'Authorization: Bearer KEY' (health probes excepted) [env EDGELLM_API_KEY]")
+@click.option("--threads", type=int, help="CPU threads per model [default: all cores]")
+@click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="larger request bodies get 413")
+@click.option("--json", "as_json", is_flag=True, help="the startup line as JSON: url, port, models")
+@friendly
+def serve(packages, host, port, api_key, threads, max_body_mb, as_json):
+    """Serve PACKAGES over HTTP until Ctrl-C: every package over KServe v2 / Triton's protocol (/v2/models/NAME/infer),
+    language models also over OpenAI's API (/v1/chat/completions, /v1/completions). NAME: the file stem, or NAME=PKG."""
+    from edgellm.serve import serve as run_server
+
+    def announce(info):
+        if as_json:
+            click.echo(json.dumps(info))
+            return
+        names = ", ".join(f"{n} ({'language model' if m['kind'] == 'llm' else 'tensors'})" for n, m in info["models"].items())
+        click.echo(f"serving {names} at {info['url']} (KServe v2 at /v2/models/NAME/infer"
+                   + (", OpenAI at /v1/chat/completions" if any(m["kind"] == "llm" for m in info["models"].values()) else "")
+                   + (", API key required" if info["api_key"] else "") + "; Ctrl-C stops)")
+        if info["all_interfaces"]:
+            click.echo("note: listening on every network interface" + ("" if info["api_key"] else ", without an API key: anyone who can reach "
+                                                                       "this machine can call it (give --api-key)"))
+
+    run_server(list(packages), host=host, port=port, api_key=api_key, threads=threads, max_body=int(max_body_mb * (1 << 20)), announce=announce)
+
+
+@main.command()
 @click.argument("package", type=click.Path())
 @click.option("--runs", default=100, show_default=True)
 @click.option("--warmup", default=10, show_default=True)

@@ -1,0 +1,205 @@
+"""The server: loaded packages, the API key, the body cap and error replies, as one Starlette app run by uvicorn.
+
+Model calls are blocking numpy / TVM code: they run in worker threads, never on the event loop, so one slow
+request does not stall the others (health checks, streaming replies).
+"""
+
+from __future__ import annotations
+
+import errno
+import secrets
+import socket
+import threading
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from edgellm.errors import EdgeError
+
+MAX_BODY = 64 << 20  # bytes; a request body above it gets 413 before it is read
+
+
+class HTTPError(Exception):
+    """A request the server refuses: an HTTP status and one line saying why."""
+
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass
+class Served:
+    """One package being served under ``name``."""
+
+    name: str
+    path: Path
+    model: object  # edgellm.runtime.Model, or LanguageModel when is_lm
+    is_lm: bool
+    lock: threading.Lock = field(default_factory=threading.Lock)  # Model.run one call at a time (see run())
+
+    def run(self, arrays: dict):
+        """Model.run in the calling worker thread; serialised per model, as a loaded Model is one VM."""
+        with self.lock:
+            return self.model.run(**arrays)
+
+
+def load_models(specs: list[str], threads: int | None = None) -> dict[str, Served]:
+    """``PKG`` (served as its file stem) or ``NAME=PKG`` -> loaded, verified packages by name."""
+    from edgellm import runtime
+    from edgellm.runtime.lm import LanguageModel
+
+    models: dict[str, Served] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or Path(spec).exists():
+            name, path = Path(spec).stem, spec
+        if not name or "/" in name:
+            raise EdgeError(f"{name!r} is not a usable model name", "give NAME=PKG with a name without '/'")
+        if name in models:
+            raise EdgeError(f"two packages would be served as {name!r}: {models[name].path} and {path}", "name one of them: NAME=PKG")
+        model = runtime.load(path, threads=threads)
+        models[name] = Served(name, Path(path), model, isinstance(model, LanguageModel))
+    if not models:
+        raise EdgeError("no package to serve", "give one or more .edgepkg files")
+    return models
+
+
+# ------------------------------------------------------------ requests and replies
+
+
+def error_response(path: str, status: int, message: str, code: str | None = None) -> JSONResponse:
+    """KServe v2: ``{"error": "..."}``; OpenAI (/v1): its error object."""
+    if path.startswith("/v1"):
+        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+    return JSONResponse({"error": message}, status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes: by its Content-Length before reading, or as it
+    arrives when there is none (chunked). gzip / deflate bodies (tritonclient's request compression) are inflated,
+    with the same cap."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise HTTPError(400, f"bad Content-Length {length!r}")
+        if int(length) > limit:
+            raise HTTPError(413, f"the request body is {int(length)} bytes, more than this server takes ({limit})")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"the request body is more than this server takes ({limit} bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise HTTPError(400, "the client went away while sending the body") from None
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("gzip", "deflate"):
+        inflate = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            body = inflate.decompress(body, limit + 1)
+        except zlib.error as e:
+            raise HTTPError(400, f"the {encoding} body does not inflate ({e})") from None
+        if len(body) > limit or inflate.unconsumed_tail:
+            raise HTTPError(413, f"the inflated request body is more than this server takes ({limit} bytes)")
+    elif encoding != "identity":
+        raise HTTPError(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate or none)")
+    return body
+
+
+class ApiKey:
+    """Requests must carry ``Authorization: Bearer KEY`` (health probes excepted: orchestrators call them bare)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not scope["path"].startswith("/v2/health"):
+            auth = Headers(scope=scope).get("authorization", "")
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), self.key):
+                message = "wrong API key" if auth else "this server needs an API key: send 'Authorization: Bearer KEY'"
+                await error_response(scope["path"], 401, message, "invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(models: dict[str, Served], api_key: str | None = None, max_body: int = MAX_BODY) -> Starlette:
+    """The ASGI app serving ``models`` (from :func:`load_models`)."""
+    from starlette.middleware import Middleware
+
+    from edgellm.serve import kserve, openai_api
+
+    async def on_http_error(request, e: HTTPError):
+        return error_response(request.url.path, e.status, e.message, e.code)
+
+    async def on_edge_error(request, e: EdgeError):  # the runtime refused the inputs / the generation settings
+        return error_response(request.url.path, 400, str(e))
+
+    async def on_starlette(request, e: StarletteHTTPException):  # no such route, method not allowed
+        return error_response(request.url.path, e.status_code, f"{e.detail}: {request.method} {request.url.path}")
+
+    async def on_crash(request, e: Exception):
+        return error_response(request.url.path, 500, f"internal error: {type(e).__name__}: {e}")
+
+    routes: list[Route] = kserve.routes(models, max_body) + openai_api.routes(models, max_body)
+    app = Starlette(routes=routes, middleware=[Middleware(ApiKey, key=api_key)] if api_key else [],
+                    exception_handlers={HTTPError: on_http_error, EdgeError: on_edge_error, StarletteHTTPException: on_starlette,
+                                        Exception: on_crash})
+    app.state.models = models
+    return app
+
+
+# ------------------------------------------------------------ running it
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one), or one line saying why not."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise EdgeError(f"cannot listen on {host!r}: {e.strerror}", "give an address of this machine with --host") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise EdgeError(f"port {port} on {host} is in use", "stop what listens there, or pick another --port") from None
+        raise EdgeError(f"cannot listen on {host}:{port}: {e.strerror}", "pick another --host / --port") from None
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, threads: int | None = None,
+          max_body: int = MAX_BODY, announce=print) -> None:
+    """Load the packages, listen, call ``announce(info)`` (where it listens, what it serves), serve until Ctrl-C / SIGTERM."""
+    import uvicorn
+
+    models = load_models(specs, threads)
+    sock = bind(host, port)
+    app = create_app(models, api_key, max_body)
+    url = url_of(sock)
+    announce({"url": url, "host": host, "port": sock.getsockname()[1], "api_key": bool(api_key),
+              "all_interfaces": host in ("0.0.0.0", "::", ""),
+              "models": {name: {"path": str(s.path), "kind": "llm" if s.is_lm else "tensor",
+                                "routes": [f"{url}/v1/chat/completions", f"{url}/v1/completions"] if s.is_lm else [f"{url}/v2/models/{name}/infer"]}
+                         for name, s in models.items()}})
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
