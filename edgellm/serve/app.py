@@ -9,45 +9,17 @@ from __future__ import annotations
 import errno
 import secrets
 import socket
-import threading
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from edgellm.errors import EdgeError
-
-MAX_BODY = 64 << 20  # bytes; a request body above it gets 413 before it is read
-
-
-class HTTPError(Exception):
-    """A request the server refuses: an HTTP status and one line saying why."""
-
-    def __init__(self, status: int, message: str, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-
-@dataclass
-class Served:
-    """One package being served under ``name``."""
-
-    name: str
-    path: Path
-    model: object  # edgellm.runtime.Model, or LanguageModel when is_lm
-    is_lm: bool
-    lock: threading.Lock = field(default_factory=threading.Lock)  # Model.run one call at a time (see run())
-
-    def run(self, arrays: dict):
-        """Model.run in the calling worker thread; serialised per model, as a loaded Model is one VM."""
-        with self.lock:
-            return self.model.run(**arrays)
+from edgellm.serve import kserve, openai_api
+from edgellm.serve.common import MAX_BODY, HTTPError, Served, error_response
 
 
 def load_models(specs: list[str], threads: int | None = None) -> dict[str, Served]:
@@ -71,52 +43,6 @@ def load_models(specs: list[str], threads: int | None = None) -> dict[str, Serve
     return models
 
 
-# ------------------------------------------------------------ requests and replies
-
-
-def error_response(path: str, status: int, message: str, code: str | None = None) -> JSONResponse:
-    """KServe v2: ``{"error": "..."}``; OpenAI (/v1): its error object."""
-    if path.startswith("/v1"):
-        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
-            status, "invalid_request_error" if status < 500 else "server_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
-    return JSONResponse({"error": message}, status)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes: by its Content-Length before reading, or as it
-    arrives when there is none (chunked). gzip / deflate bodies (tritonclient's request compression) are inflated,
-    with the same cap."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise HTTPError(400, f"bad Content-Length {length!r}")
-        if int(length) > limit:
-            raise HTTPError(413, f"the request body is {int(length)} bytes, more than this server takes ({limit})")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPError(413, f"the request body is more than this server takes ({limit} bytes)")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise HTTPError(400, "the client went away while sending the body") from None
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding in ("gzip", "deflate"):
-        inflate = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-        try:
-            body = inflate.decompress(body, limit + 1)
-        except zlib.error as e:
-            raise HTTPError(400, f"the {encoding} body does not inflate ({e})") from None
-        if len(body) > limit or inflate.unconsumed_tail:
-            raise HTTPError(413, f"the inflated request body is more than this server takes ({limit} bytes)")
-    elif encoding != "identity":
-        raise HTTPError(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate or none)")
-    return body
-
-
 class ApiKey:
     """Requests must carry ``Authorization: Bearer KEY`` (health probes excepted: orchestrators call them bare)."""
 
@@ -136,9 +62,6 @@ class ApiKey:
 
 def create_app(models: dict[str, Served], api_key: str | None = None, max_body: int = MAX_BODY) -> Starlette:
     """The ASGI app serving ``models`` (from :func:`load_models`)."""
-    from starlette.middleware import Middleware
-
-    from edgellm.serve import kserve, openai_api
 
     async def on_http_error(request, e: HTTPError):
         return error_response(request.url.path, e.status, e.message, e.code)
@@ -190,10 +113,17 @@ def url_of(sock: socket.socket) -> str:
 def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, threads: int | None = None,
           max_body: int = MAX_BODY, announce=print) -> None:
     """Load the packages, listen, call ``announce(info)`` (where it listens, what it serves), serve until Ctrl-C / SIGTERM."""
-    import uvicorn
+    try:
+        import uvicorn
+    except ModuleNotFoundError as e:
+        raise EdgeError(f"serving needs {e.name}, which is not installed", "pip install 'edgellm[serve]' (starlette, uvicorn)") from None
 
-    models = load_models(specs, threads)
-    sock = bind(host, port)
+    sock = bind(host, port)  # first: a port in use fails before minutes of loading
+    try:
+        models = load_models(specs, threads)
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(models, api_key, max_body)
     url = url_of(sock)
     announce({"url": url, "host": host, "port": sock.getsockname()[1], "api_key": bool(api_key),
@@ -202,4 +132,7 @@ def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
                                 "routes": [f"{url}/v1/chat/completions", f"{url}/v1/completions"] if s.is_lm else [f"{url}/v2/models/{name}/infer"]}
                          for name, s in models.items()}})
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        pass

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgellm.serve.app import HTTPError, Served, read_body
+from edgellm.serve.common import HTTPError, Served, read_body
 
 VERSION = "1"  # a package is one version of one model
 HEADER = "inference-header-content-length"

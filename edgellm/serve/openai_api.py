@@ -12,14 +12,14 @@ import json
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import closing
 
-from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from edgellm.serve.app import HTTPError, Served, read_body
+from edgellm.serve.common import HTTPError, Served, read_body
 
 
 def _held(text: str, stops: list[str]) -> int:
@@ -32,13 +32,17 @@ class Generation:
 
     ``LanguageModel.stream`` holds the model's RLock while it generates, and only the thread that took an RLock may
     release it: so the whole generator lives in one thread (never next() from different pool workers). Requests
-    for the same model wait on that lock, in turn. ``cancel()`` (the client went away) stops it at the next token.
+    for the same model wait on that lock, in turn. The thread runs at most ``AHEAD`` pieces ahead of the reader, and
+    ``cancel()`` (the client went away) stops it there.
     """
+
+    AHEAD = 8
 
     def __init__(self, lm, prompt: Callable[[], list[int]], max_tokens: int, stops: list[str], sampling: dict):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.room = threading.Semaphore(self.AHEAD)
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason = "length"
         threading.Thread(target=self._work, args=(lm, prompt, max_tokens, stops, sampling), daemon=True, name="edgellm-generate").start()
@@ -58,6 +62,9 @@ class Generation:
             self.prompt_tokens = len(ids)
             with closing(self._pieces(lm, ids, max_tokens, stops, sampling)) as pieces:
                 for piece in pieces:
+                    while not self.room.acquire(timeout=0.2):  # the reader is AHEAD pieces behind: wait for it
+                        if self.cancelled.is_set():
+                            return
                     if self.cancelled.is_set():
                         return
                     self._send("text", piece)
@@ -95,7 +102,10 @@ class Generation:
         kind, value = await self.queue.get()
         if kind == "error":
             raise value
-        return value if kind == "text" else None
+        if kind == "text":
+            self.room.release()
+            return value
+        return None
 
 
 def _number(body: dict, key: str, default, kind=float, low=None):
@@ -237,8 +247,9 @@ def routes(models: dict[str, Served], max_body: int) -> list[Route]:
                 finally:  # also when the client went away mid-stream: stop generating
                     generation.cancel()
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(generation.cancel))
+            body = events()
+            weakref.finalize(body, generation.cancel)  # and when the reply is dropped without starting (client gone first)
+            return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         pieces, piece = [], first
         try:

@@ -95,3 +95,20 @@ def test_the_walk_sees_function_level_and_relative_imports():
 def test_no_import_cycle_inside_edgellm():
     found = cycles(import_graph())
     assert not found, "import cycles (each a set of modules that import each other): " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_serve_imports_without_the_compiler_side():
+    """edgellm.serve is device-side: it imports with torch, onnx, click, rich and TVM's compiler unimportable."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, import_blocker
+
+    script = import_blocker("torch", "onnx", "onnxruntime", "click", "rich", "transformers", "tvm.relax", "tvm.s_tir", "tvm.script.parser",
+                            "edgellm.api", "edgellm.backends", "edgellm.llm", "edgellm.cli") + (
+        "import edgellm.serve, edgellm.serve.kserve, edgellm.serve.openai_api, edgellm.runtime.__main__\n"
+        "print(sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'onnx', 'click', 'rich', 'transformers'}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
