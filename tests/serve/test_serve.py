@@ -67,6 +67,8 @@ def test_tritonclient_round_trips_the_reference_sample(server, kws_pkg):
             got = result.as_numpy(name)
             assert got.dtype == array.dtype and got.shape == array.shape
             np.testing.assert_allclose(got, array, rtol=0, atol=1e-6)
+    gzipped = client.infer("kws", triton_inputs(th, model, sample), headers=dict(AUTH), request_compression_algorithm="gzip")
+    np.testing.assert_allclose(gzipped.as_numpy("logits"), expected["logits"], rtol=0, atol=1e-6)
     with pytest.raises(Exception, match="400") as e:  # a language model is not a v2 tensor model
         client.get_model_metadata("chat", headers=AUTH)
     assert "/v1/chat/completions" in str(e.value)
