@@ -76,7 +76,7 @@ class LanguageModel:
 
     def __init__(self, path: str | Path, threads: int | None = None, loaded: tuple[dict, dict] | None = None):
         """``loaded``: (manifest, members) already in memory (the build checks its package before writing it)."""
-        from edgellm.runtime.engines.tvm import import_tvm, set_threads
+        from edgellm.runtime.engines.tvm import PoolSizer, import_tvm
 
         t0 = time.perf_counter()
         tvm = import_tvm()
@@ -91,7 +91,7 @@ class LanguageModel:
         self.prefill_chunk = int(lm["prefill_chunk"])
         self.eos_ids = set(self.config.get("eos_ids") or [])
         self.threads = threads or device.cpu_count()
-        set_threads(tvm, self.threads)
+        self._size_pool = PoolSizer(tvm, self.threads)
         self._tvm = tvm
         self._dev = tvm.cpu(0)
         with tempfile.TemporaryDirectory(prefix="edgellm-") as tmp:  # dlopen needs a file; the mapping outlives it
@@ -131,6 +131,7 @@ class LanguageModel:
 
     def _forward(self, fn: str, ids: list[int]) -> np.ndarray:
         """Run ``fn`` on tokens appended to the cache; logits as float32 numpy (a view: use it before the next call)."""
+        self._size_pool()
         if fn == "decode":  # the per-token path: its input tensor and shapes are made once
             if self._decode_view.flags.writeable:
                 self._decode_view[0, 0] = ids[0]

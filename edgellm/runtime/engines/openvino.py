@@ -10,6 +10,7 @@ package skips the CPU plugin's compilation.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,8 @@ class Engine:
         self.device = info.get("device", "CPU")
         self._version = _required_version(manifest)
         self.compiled = self._compile(self.config)
-        self.request = self.compiled.create_infer_request()
+        self._idle = [self.compiled.create_infer_request()]  # one infer request per concurrent caller
+        self._lock = threading.Lock()
         self._inputs = self._ports(self.compiled.inputs, info.get("input_names"))
         self._outputs = self._ports(self.compiled.outputs, info.get("output_names"))
         self._profiled = None  # (compiled model, request) with PERF_COUNT on, made on first op_times
@@ -104,8 +106,18 @@ class Engine:
         request.infer()
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        self._infer(self.request, arrays)
-        return [self.request.get_output_tensor(index).data.copy() for index in self._outputs]
+        """Thread-safe: an infer request runs one inference at a time ("Infer Request is busy"), so each concurrent
+        caller takes its own from a pool; they share the compiled model, which runs them side by side."""
+        with self._lock:
+            request = self._idle.pop() if self._idle else None
+        if request is None:
+            request = self.compiled.create_infer_request()
+        try:
+            self._infer(request, arrays)
+            return [request.get_output_tensor(index).data.copy() for index in self._outputs]
+        finally:
+            with self._lock:
+                self._idle.append(request)
 
     def op_times(self, arrays: list[np.ndarray], runs: int) -> list[tuple[str, float]]:
         """Seconds per executed OpenVINO CPU node (real time), over ``runs`` runs.

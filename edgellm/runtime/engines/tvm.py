@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +73,21 @@ def set_threads(tvm, threads: int) -> None:
     tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
 
 
+class PoolSizer:
+    """TVM's thread pool belongs to the thread that calls into TVM, and a new caller's pool starts at
+    TVM_NUM_THREADS: size each calling thread's pool once, on its first call."""
+
+    def __init__(self, tvm, threads: int):
+        self.tvm, self.threads = tvm, int(threads)
+        self._local = threading.local()
+        self()
+
+    def __call__(self) -> None:
+        if not getattr(self._local, "sized", False):
+            set_threads(self.tvm, self.threads)
+            self._local.sized = True
+
+
 def _to_numpy(tensor) -> np.ndarray:
     try:
         return np.from_dlpack(tensor).copy()
@@ -78,10 +95,24 @@ def _to_numpy(tensor) -> np.ndarray:
         return tensor.numpy()
 
 
+class _Session:
+    """One caller's VM and input tensors. A Relax VM keeps registers and storage per call, so two threads
+    must never share one; every session shares the loaded module (its code and constants)."""
+
+    def __init__(self, engine: "Engine"):
+        self.vm = engine.tvm.runtime.vm.VirtualMachine(engine.lib, engine.device)
+        self.main = self.vm["main"]
+        self.inputs: list = []
+        self.views: list[np.ndarray] = []
+
+
 class Engine:
+    """Thread-safe: each concurrent caller takes a session (VM + buffers) from a pool, made on first need and
+    kept for reuse, so N threads calling at once cost N sessions, and one thread costs one."""
+
     def __init__(self, manifest: dict, members: dict[str, bytes], threads: int):
-        tvm = import_tvm()
-        set_threads(tvm, threads)
+        self.tvm = tvm = import_tvm()
+        self._size_pool = PoolSizer(tvm, threads)
         self.threads = threads
         self.cuda = cuda.is_cuda(manifest)  # NVIDIA GPU package: edgellm/runtime/cuda.py
         self.device = cuda.device(tvm, manifest) if self.cuda else tvm.cpu(0)
@@ -90,28 +121,42 @@ class Engine:
         with tempfile.TemporaryDirectory(prefix="edgellm-") as tmp:
             path = Path(tmp) / MODULE
             path.write_bytes(members[MODULE])
-            lib = tvm.runtime.load_module(str(path))
-        self.vm = tvm.runtime.vm.VirtualMachine(lib, self.device)
-        self._main = self.vm["main"]
+            self.lib = tvm.runtime.load_module(str(path))
         self._empty = tvm.runtime.empty
-        self._inputs: list = []
-        self._views: list[np.ndarray] = []
+        self._idle = [_Session(self)]
+        self._lock = threading.Lock()
+        self.sessions = 1
 
-    def _feed(self, arrays: list[np.ndarray]) -> list:
-        """Device tensors holding ``arrays``: allocated once, then refilled. On the CPU through a numpy view of
-        each tensor (np.copyto: 0.4 us for kws-cnn's input, vs 5 us for Tensor.copyfrom and 4 us more for
+    @contextlib.contextmanager
+    def _session(self):
+        self._size_pool()
+        with self._lock:
+            session = self._idle.pop() if self._idle else None
+            if session is None:
+                self.sessions += 1
+        if session is None:
+            session = _Session(self)
+        try:
+            yield session
+        finally:
+            with self._lock:
+                self._idle.append(session)
+
+    def _feed(self, session: _Session, arrays: list[np.ndarray]) -> list:
+        """Device tensors holding ``arrays``: allocated once per session, then refilled. On the CPU through a numpy
+        view of each tensor (np.copyto: 0.4 us for kws-cnn's input, vs 5 us for Tensor.copyfrom and 4 us more for
         checking the tensors' shapes through TVM; numpy's own buffers are not 64-byte aligned, so zero-copy
         DLPack into TVM is refused)."""
-        views = self._views
+        views = session.views
         if len(views) != len(arrays) or any(v.shape != a.shape or v.dtype != a.dtype for v, a in zip(views, arrays)):
-            self._inputs = [self._empty(a.shape, str(a.dtype), self.device) for a in arrays]
-            self._views = views = [self._view(t) for t in self._inputs]
-        for t, v, a in zip(self._inputs, views, arrays):
+            session.inputs = [self._empty(a.shape, str(a.dtype), self.device) for a in arrays]
+            session.views = views = [self._view(t) for t in session.inputs]
+        for t, v, a in zip(session.inputs, views, arrays):
             if v.flags.writeable:
                 np.copyto(v, a)
             else:  # a GPU tensor (the view is a placeholder), or numpy < 2 (read-only DLPack views)
                 t.copyfrom(np.ascontiguousarray(a))
-        return self._inputs
+        return session.inputs
 
     def _view(self, tensor) -> np.ndarray:
         if not self.cuda:
@@ -124,15 +169,16 @@ class Engine:
         return view
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        out = self._main(*self._feed(arrays))
-        if self.cuda:  # kernels run asynchronously: the inference ends when the GPU is done
-            self.device.sync()
-            return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
-        # a copy out of a DLPack view: 0.5 us vs 5.5 us for Tensor.numpy(); a copy, because an output can
-        # be a view of an input tensor that the next call refills, or of a constant
-        if hasattr(out, "numpy"):
-            return [_to_numpy(out)]
-        return [_to_numpy(out[i]) for i in range(len(out))]
+        with self._session() as session:
+            out = session.main(*self._feed(session, arrays))
+            if self.cuda:  # kernels run asynchronously: the inference ends when the GPU is done
+                self.device.sync()
+                return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+            # a copy out of a DLPack view: 0.5 us vs 5.5 us for Tensor.numpy(); a copy, because an output can
+            # be a view of an input tensor that the next call refills, or of a constant
+            if hasattr(out, "numpy"):
+                return [_to_numpy(out)]
+            return [_to_numpy(out[i]) for i in range(len(out))]
 
     def op_times(self, arrays: list[np.ndarray], runs: int) -> list[tuple[str, float]]:
         """Seconds spent in each VM call (fused kernels and VM builtins), over ``runs`` runs.
@@ -156,10 +202,11 @@ class Engine:
             return 0
 
         inputs = [self._tensor(a, self.device) for a in arrays]
-        self.vm.set_instrument(instrument)
-        try:
-            for _ in range(runs):
-                self._main(*inputs)
-        finally:
-            self.vm.set_instrument(None)
+        with self._session() as session:
+            session.vm.set_instrument(instrument)
+            try:
+                for _ in range(runs):
+                    session.main(*inputs)
+            finally:
+                session.vm.set_instrument(None)
         return events

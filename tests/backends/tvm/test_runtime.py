@@ -41,7 +41,8 @@ def test_the_vm_itself_checks_its_inputs(model, shape, dtype, message):
 
     bad = tvm.runtime.tensor(np.zeros(shape, dtype))
     with pytest.raises(Exception, match=f"param=features.*{message}"):
-        model._engine._main(bad)
+        with model._engine._session() as session:
+            session.main(bad)
 
 
 def test_tampered_package_is_refused(kws_pkg, tmp_path):
