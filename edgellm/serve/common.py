@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.requests import ClientDisconnect, Request
@@ -29,12 +28,10 @@ class Served:
     path: Path
     model: object  # edgellm.runtime.Model, or LanguageModel when is_lm
     is_lm: bool
-    lock: threading.Lock = field(default_factory=threading.Lock)  # Model.run one call at a time (see run())
 
     def run(self, arrays: dict):
-        """Model.run in the calling worker thread; serialised per model, as a loaded Model is one VM."""
-        with self.lock:
-            return self.model.run(**arrays)
+        """Model.run in the calling worker thread: it is thread-safe, and holds callers beyond what the cores take."""
+        return self.model.run(**arrays)
 
 
 def error_response(path: str, status: int, message: str, code: str | None = None) -> JSONResponse:
