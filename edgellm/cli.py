@@ -320,13 +320,13 @@ def generate(package, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on; 0.0.0.0: every interface (give an --api-key)")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port")
 @click.option("--api-key", envvar="EDGELLM_API_KEY", help="require 'Authorization: Bearer KEY' (health probes excepted) [env EDGELLM_API_KEY]")
-@click.option("--threads", type=int, help="CPU threads per model [default: all cores]")
+@click.option("--threads", type=int, help="CPU threads one call uses [default: all cores]; cores / threads calls run at once, per model")
 @click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="larger request bodies get 413")
 @click.option("--json", "as_json", is_flag=True, help="the startup line as JSON: url, port, models")
 @friendly
 def serve(packages, host, port, api_key, threads, max_body_mb, as_json):
-    """Serve PACKAGES over HTTP until Ctrl-C: every package over KServe v2 / Triton's protocol (/v2/models/NAME/infer),
-    language models also over OpenAI's API (/v1/chat/completions, /v1/completions). NAME: the file stem, or NAME=PKG."""
+    """Serve PACKAGES over HTTP until Ctrl-C: models over KServe v2 / Triton's protocol (/v2/models/NAME/infer), language
+    models over OpenAI's API (/v1/chat/completions, /v1/completions). NAME: the file stem, or NAME=PKG."""
     from edgellm.serve import serve as run_server
 
     def announce(info):
