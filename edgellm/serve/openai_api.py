@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import closing
 
 from starlette.responses import JSONResponse, StreamingResponse
@@ -28,24 +29,25 @@ def _held(text: str, stops: list[str]) -> int:
 
 
 class Generation:
-    """One generation, run start to end by one dedicated thread, its text pieces handed to the event loop.
+    """One generation, run start to end by one thread, its text pieces handed to the event loop.
 
     ``LanguageModel.stream`` holds the model's RLock while it generates, and only the thread that took an RLock may
-    release it: so the whole generator lives in one thread (never next() from different pool workers). Requests
-    for the same model wait on that lock, in turn. The thread runs at most ``AHEAD`` pieces ahead of the reader, and
-    ``cancel()`` (the client went away) stops it there.
+    release it: so the whole generator lives in one thread (never next() from different pool workers). Each language
+    model has one such thread (``worker``, a one-thread executor), which runs its requests in turn, first come first
+    served; one long-lived thread also keeps one TVM thread pool, where a thread per request would make a pool each.
+    It runs at most ``AHEAD`` pieces ahead of the reader, and ``cancel()`` (the client went away) stops it there.
     """
 
     AHEAD = 8
 
-    def __init__(self, lm, prompt: Callable[[], list[int]], max_tokens: int, stops: list[str], sampling: dict):
+    def __init__(self, worker: Executor, lm, prompt: Callable[[], list[int]], max_tokens: int, stops: list[str], sampling: dict):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.room = threading.Semaphore(self.AHEAD)
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason = "length"
-        threading.Thread(target=self._work, args=(lm, prompt, max_tokens, stops, sampling), daemon=True, name="edgellm-generate").start()
+        worker.submit(self._work, lm, prompt, max_tokens, stops, sampling)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -57,6 +59,8 @@ class Generation:
             self.cancelled.set()
 
     def _work(self, lm, prompt, max_tokens, stops, sampling) -> None:
+        if self.cancelled.is_set():  # the client left while this waited its turn
+            return
         try:
             ids = prompt()
             self.prompt_tokens = len(ids)
@@ -157,6 +161,7 @@ def _sse(data) -> str:
 def routes(models: dict[str, Served], max_body: int) -> list[Route]:
     started = int(time.time())
     lms = {name: s for name, s in models.items() if s.is_lm}
+    workers = {name: ThreadPoolExecutor(1, thread_name_prefix=f"edgellm-generate-{name}") for name in lms}
 
     async def request_json(request) -> dict:
         body = await read_body(request, max_body)
@@ -212,7 +217,7 @@ def routes(models: dict[str, Served], max_body: int) -> list[Route]:
             else:
                 raise HTTPError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)", "invalid_value")
 
-        generation = Generation(lm, prompt, max_tokens, stops, sampling)
+        generation = Generation(workers[served.name], lm, prompt, max_tokens, stops, sampling)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()), "model": served.name}
         try:

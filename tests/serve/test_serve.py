@@ -207,6 +207,7 @@ def test_a_client_that_goes_away_stops_its_generation(chat_pkg):
     """Cancelling a generation (what a dropped stream does) stops it within the few pieces it may run ahead of its
     reader, in its own thread, which releases the model's lock; over HTTP, a dropped stream leaves the server serving."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     import uvicorn
 
@@ -218,12 +219,13 @@ def test_a_client_that_goes_away_stops_its_generation(chat_pkg):
     n = len(lm.generate(prompt, 400))  # greedy runs this far before EOS (or 400)
     assert n > 4 * Generation.AHEAD
 
-    async def take_one_then_cancel():
-        generation = Generation(lm, lambda: prompt, n, [], {"temperature": 0.0})
+    async def take_one_then_cancel(worker):
+        generation = Generation(worker, lm, lambda: prompt, n, [], {"temperature": 0.0})
         assert await generation.next()
         generation.cancel()
 
-    asyncio.run(take_one_then_cancel())
+    with ThreadPoolExecutor(1) as worker:
+        asyncio.run(take_one_then_cancel(worker))
     assert lm._lock.acquire(timeout=120)  # the generation thread let go of the model
     lm._lock.release()
     assert len(prompt) < len(lm._cached) < len(prompt) + 2 * Generation.AHEAD
