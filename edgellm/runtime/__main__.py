@@ -109,13 +109,17 @@ def _serve(args) -> int:
         print(json.dumps(info) if args.json else f"serving {', '.join(info['models'])} at {info['url']} (Ctrl-C stops)", flush=True)
 
     try:
-        from edgellm.serve import serve
-
+        try:
+            from edgellm.serve import serve
+        except ModuleNotFoundError as e:  # a bundle-runtime folder carries the runtime alone
+            raise EdgeError(f"this edgellm has no server ({e.name} is missing)", "pip install 'edgellm[runtime]' on the device") from None
         serve(args.packages, host=args.host, port=args.port, api_key=args.api_key, threads=args.threads,
               max_body=int(args.max_body_mb * (1 << 20)), announce=announce)
     except EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # while loading (once serving, Ctrl-C stops the server cleanly)
+        return 130
     return 0
 
 
