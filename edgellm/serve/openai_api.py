@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import threading
 import time
@@ -116,7 +117,7 @@ def _number(body: dict, key: str, default, kind=float, low=None):
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (kind is int and int(value) != value):
         raise HTTPError(400, f"{key!r} must be {'an integer' if kind is int else 'a number'}, got {value!r}", "invalid_value")
     if low is not None and value < low:
         raise HTTPError(400, f"{key!r} must be at least {low}, got {value}", "invalid_value")
