@@ -323,16 +323,24 @@ def generate(package, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
 @click.option("--per-op", is_flag=True, help="time per fused kernel")
 @click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1), help="language models: prompt tokens")
 @click.option("--gen-len", default=64, show_default=True, type=click.IntRange(min=2), help="language models: new tokens")
+@click.option("--remote", help="run it on a device of the fleet instead: TRACKER_HOST:PORT/KEY (see `edgellm devices`)")
+@click.option("--all", "every", is_flag=True, help="with --remote: on every device of the key, one report each")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (schema edgellm.profile/1, language models edgellm.lm-profile/1)")
 @friendly
-def profile(package, runs, warmup, threads, per_op, prompt_len, gen_len, as_json):
-    """Latency p50/p90/p99, throughput, load time and memory of PACKAGE on this machine (language models: time to first
-    token, prefill and decode tokens/s, memory)."""
+def profile(package, runs, warmup, threads, per_op, prompt_len, gen_len, remote, every, as_json):
+    """Latency p50/p90/p99, throughput, load time and memory of PACKAGE on this machine or on fleet devices (language
+    models: time to first token, prefill and decode tokens/s, memory)."""
     from edgellm import runtime
     from edgellm.runtime.profile import format_report
 
     if runs < 1 or warmup < 0:
         raise EdgeError("--runs must be at least 1 and --warmup at least 0")
+    if every and not remote:
+        raise EdgeError("--all needs --remote HOST:PORT/KEY")
+    if remote:
+        _profile_remote(package, remote, every, {"runs": runs, "warmup": warmup, "threads": threads, "per_op": per_op,
+                                                 "prompt_len": prompt_len, "gen_len": gen_len}, as_json)
+        return
     model = runtime.load(package, threads=threads)
     from edgellm.runtime.lm import LanguageModel
 
@@ -344,6 +352,84 @@ def profile(package, runs, warmup, threads, per_op, prompt_len, gen_len, as_json
         return
     report = model.profile(runs=runs, warmup=warmup, per_op=per_op)
     _emit(report, as_json, lambda r: click.echo(format_report(r)))
+
+
+def _profile_remote(package, remote, every, options, as_json):
+    """One report per device (``--all``: every device of the key); a device that failed is one line, the others report."""
+    from edgellm.fleet.remote import Remote, run_remote
+    from edgellm.runtime.profile import format_lm_report, format_report
+
+    results = run_remote(package, Remote.parse(remote), "profile", options, every=every)
+    if not every and "error" in results[0]:
+        raise EdgeError(results[0]["error"])
+    if as_json:
+        _emit(results if every else results[0], True, None)
+    else:
+        for r in results:
+            d = r.get("device") or {}
+            click.echo(f"== {remote} {d.get('hostname', '')} pid {d.get('pid', '?')} {d.get('machine', '')}"
+                       + (f" (emulated {d['emulated']}: not device speed)" if d.get("emulated") else ""))
+            click.echo(f"error: {r['error']}" if "error" in r else
+                       (format_lm_report(r) if r.get("schema", "").startswith("edgellm.lm-profile") else format_report(r)))
+    if any("error" in r for r in results):
+        sys.exit(2)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0 for the LAN)")
+@click.option("--port", default=9190, show_default=True, help="first port to try (up to port+9)")
+@friendly
+def tracker(host, port):
+    """TVM's RPC tracker: the pool that fleet devices (`edgellm agent`) join and `profile --remote` draws from."""
+    import time
+
+    from edgellm.fleet.remote import start_tracker
+
+    t = start_tracker(host, port, port + 10)
+    click.echo(f"tracker listening on {host}:{t.port} (Ctrl-C stops it); devices join with: edgellm agent --tracker HOST:{t.port} --key NAME", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        t.terminate()
+
+
+@main.command()
+@click.option("--tracker", "tracker_addr", required=True, help="the tracker, HOST:PORT")
+@click.option("--key", required=True, help="the device type to pool this device under, e.g. rpi4")
+@click.option("--host", default="0.0.0.0", show_default=True, help="address the RPC server listens on")
+@click.option("--port", default=9090, show_default=True, help="first port to try")
+@click.option("--emulate", help="run the agent in the emulated arm64 userland of this target (rpi4, rpi5, arm64): a real remote process, not device speed")
+@friendly
+def agent(tracker_addr, key, host, port, emulate):
+    """A device of the fleet: TVM's RPC server registered under KEY, running packages with edgellm's runtime.
+    On a device itself: `python -m edgellm.fleet.agent` (needs only edgellm[runtime])."""
+    from edgellm.fleet.launch import start_agent
+
+    a = start_agent(tracker_addr, key, emulate=emulate, host=host, port=port, progress=lambda m: click.echo(m, err=True))
+    click.echo(f"agent {key} on port {a.info['port']} ({a.info['machine']}{', emulated ' + a.info['emulated'] if a.info.get('emulated') else ''}), "
+               f"registered with {tracker_addr}; Ctrl-C stops it", err=True)
+    sys.exit(a.wait())
+
+
+@main.command()
+@click.option("--tracker", "tracker_addr", required=True, help="the tracker, HOST:PORT")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def devices(tracker_addr, as_json):
+    """The fleet: each key, how many devices, how many free or busy, and where they are."""
+    from edgellm.fleet.agent import parse_address
+    from edgellm.fleet.remote import devices as fleet
+
+    data = fleet(*parse_address(tracker_addr))
+
+    def human(d):
+        if not d["keys"]:
+            click.echo(f"no devices at {d['tracker']}")
+        for key, e in sorted(d["keys"].items()):
+            click.echo(f"{key:<16} {e['total']} device(s), {e['free']} free, {e['busy']} busy, {e['pending']} waiting   {' '.join(e['devices'])}")
+
+    _emit(data, as_json, human)
 
 
 @main.command()

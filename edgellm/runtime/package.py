@@ -99,10 +99,10 @@ def read_package(path: str | Path) -> tuple[dict, dict[str, bytes]]:
     return manifest, members
 
 
-def check_device(manifest: dict, cpu_flags: set[str] | None = None) -> None:
-    """Refuse a package this machine cannot run, before loading any code from it."""
+def check_device(manifest: dict, cpu_flags: set[str] | None = None, machine: str | None = None) -> None:
+    """Refuse a package this machine (or the remote device ``machine`` with ``cpu_flags``) cannot run, before loading any code from it."""
     target = manifest["target"]
-    machine = platform.machine()
+    machine = machine or platform.machine()
     if target["arch"] != machine:
         raise PackageError(
             f"package is for {target['arch']} (target {target['name']}), this machine is {machine}",
