@@ -331,7 +331,7 @@ def public_key_bytes(text: str, where: str) -> bytes:
     if re.fullmatch(r"[0-9a-fA-F]{64}", text):
         return bytes.fromhex(text)
     if text.startswith("-----BEGIN PUBLIC KEY-----"):
-        serialization, ed25519 = _crypto()
+        serialization, ed25519 = ed25519_modules()
         try:
             key = serialization.load_pem_public_key(text.encode())
         except ValueError:
@@ -355,7 +355,7 @@ def trusted(keys=None, env: bool = True) -> list[bytes]:
         path = Path(item)
         if not path.is_file():
             raise EdgeError(f"trusted key {item} is neither a key file nor 64 hex digits",
-                            f"give NAME.pub from `edgellm keygen` (check {TRUSTED_KEYS_ENV} and --trusted-key)")
+                            f"give NAME.pub from `edgellm keygen`; check --trusted-key and {TRUSTED_KEYS_ENV}")
         try:
             with open(path, "rb") as f:
                 text = f.read(65536).decode()
@@ -365,7 +365,8 @@ def trusted(keys=None, env: bool = True) -> list[bytes]:
     return found
 
 
-def _crypto():
+def ed25519_modules():
+    """cryptography's serialization and ed25519 modules, imported only when a key is used: the runtime loads without them."""
     try:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -384,7 +385,8 @@ def _signature(archive: zipfile.ZipFile, path: Path) -> dict | None:
     except (ValueError, RecursionError):
         sig = None
     ok = (isinstance(sig, dict) and sig.get("format") == SIGNATURE_FORMAT and sig.get("algorithm") == "ed25519"
-          and sig.get("signed") == MANIFEST and isinstance(sig.get("key"), str) and _HEX64.fullmatch(sig["key"]) is not None
+          and sig.get("signed") == MANIFEST and isinstance(sig.get("key_fingerprint"), str)
+          and _HEX64.fullmatch(sig["key_fingerprint"]) is not None
           and isinstance(sig.get("signature"), str) and re.fullmatch(r"[0-9a-f]{128}", sig["signature"]) is not None)
     if not ok:
         raise PackageError(f"{path}: {SIGNATURE} is malformed", "sign the package again with `edgellm sign`")
@@ -392,7 +394,7 @@ def _signature(archive: zipfile.ZipFile, path: Path) -> dict | None:
 
 
 def read_signature(path: str | Path) -> dict | None:
-    """The signature a package carries, unverified ({format, algorithm, signed, key: fingerprint, signature}), or None."""
+    """The signature a package carries, unverified ({format, algorithm, signed, key_fingerprint, signature}), or None."""
     path = Path(path)
     with _open(path) as archive:
         return _signature(archive, path)
@@ -403,16 +405,16 @@ def verify(manifest_bytes: bytes, signature: dict | None, keys: list[bytes], pat
     if signature is None:
         raise PackageError(f"{path} is unsigned and trusted keys are set ({len(keys)})",
                            "sign it with `edgellm sign PKG --key KEY`, or load it without trusted keys")
-    match = [k for k in keys if fingerprint(k) == signature["key"]]
+    match = [k for k in keys if fingerprint(k) == signature["key_fingerprint"]]
     if not match:
-        raise PackageError(f"{path} is signed by key {signature['key'][:16]}, which is not among the {len(keys)} trusted key(s)",
-                           f"sign it with a trusted key, or trust that key's .pub ({TRUSTED_KEYS_ENV} or --trusted-key)")
-    _, ed25519 = _crypto()
+        raise PackageError(f"{path} is signed by key {signature['key_fingerprint'][:16]}, which is not among the {len(keys)} trusted key(s)",
+                           f"sign it with a trusted key, or trust its .pub with --trusted-key or {TRUSTED_KEYS_ENV}")
+    _, ed25519 = ed25519_modules()
     from cryptography.exceptions import InvalidSignature
 
     try:
         ed25519.Ed25519PublicKey.from_public_bytes(match[0]).verify(bytes.fromhex(signature["signature"]), manifest_bytes)
     except InvalidSignature:
-        raise PackageError(f"{path}: the signature by key {signature['key'][:16]} does not verify (the manifest was altered "
+        raise PackageError(f"{path}: the signature by key {signature['key_fingerprint'][:16]} does not verify (the manifest was altered "
                            "after signing)", "copy the package again from its source, or sign it again") from None
-    return signature["key"]
+    return signature["key_fingerprint"]
