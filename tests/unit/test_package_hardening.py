@@ -246,7 +246,7 @@ def test_fuzzing_the_reader_finds_no_crash(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fuzz" / "fuzz_package.py"), str(corpus), "-max_total_time=25",
-                           "-timeout=10", "-rss_limit_mb=2048", "-max_len=16384", "-seed=1"],
+                           "-timeout=10", "-rss_limit_mb=2048", "-max_len=16384", "-seed=1", f"-artifact_prefix={tmp_path}/"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     done = re.search(r"Done (\d+) runs in (\d+) second", proc.stderr)
