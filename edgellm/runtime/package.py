@@ -46,6 +46,8 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, O
                RuntimeError, struct.error, OverflowError, MemoryError)
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # a plain file name: lm.py writes the module into a temp folder by it
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# the members each engine reads: backend.<key>, else the default (engines/tvm.py reads model.so, openvino.py model.xml / .bin)
+ENGINE_MEMBERS = {"tvm": {"module": "model.so"}, "openvino": {"model": "model.xml", "weights": "model.bin"}}
 
 
 class PackageError(EdgeError):
@@ -168,8 +170,11 @@ def _check_manifest(manifest, where: Path) -> dict:
     backend = manifest.get("backend")
     _want(isinstance(backend, dict) and isinstance(backend.get("name"), str) and re.fullmatch(r"[a-z][a-z0-9_]{0,31}", backend["name"])
           is not None, where, "backend.name", "a backend name")
-    for key in ("module", "model", "weights"):  # the members an engine reads by name
-        _want(key not in backend or backend[key] in files, where, f"backend.{key}", "a member the manifest lists")
+    for key, default in ENGINE_MEMBERS.get(backend["name"], {}).items():  # the members an engine reads by name
+        _want(isinstance(backend.get(key, default), str) and backend.get(key, default) in files, where, f"backend.{key}",
+              f"a member the manifest lists (default {default})")
+    if backend["name"] == "tvm" and manifest.get("kind") != "llm":  # engines/tvm.py reads model.so whatever backend.module says
+        _want("model.so" in files, where, "files", "an object listing model.so")
     for key in ("inputs", "outputs"):
         _check_specs(manifest, key, where)
     for key in ("kind", "edgellm_version", "created"):
@@ -186,6 +191,7 @@ def _check_manifest(manifest, where: Path) -> dict:
             _want(_is_int(lm.get(key), 1), where, f"llm.{key}", "a positive integer")
         _want(isinstance(lm.get("params"), list) and all(isinstance(p, dict) and isinstance(p.get("name"), str) for p in lm["params"]),
               where, "llm.params", "a list of named parameters")
+        _want(isinstance(lm.get("weights"), str), where, "llm.weights", "a string")
         _want("module" in backend, where, "backend.module", "a member the manifest lists")
     return manifest
 

@@ -32,9 +32,9 @@ with atheris.instrument_imports(include=["edgellm.runtime.package", "zipfile", "
 
     from edgellm.runtime import package
 
-import numpy as np  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # fixed: runs are reproducible
 PUBLIC = KEY.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -87,6 +87,8 @@ def seeds() -> dict[str, bytes]:
     bomb = {"model.so": bytes(4 << 20), "reference.npz": REFERENCE}  # 4 MB of zeros: deflates to 4 kB
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    compressed = io.BytesIO()
+    np.savez_compressed(compressed, x=np.zeros(1000))
     pickled = io.BytesIO()
     with zipfile.ZipFile(pickled, "w") as z:
         z.writestr("input.x.npy", buffer.getvalue())
@@ -97,7 +99,7 @@ def seeds() -> dict[str, bytes]:
         "truncated": WHOLE + signed[: len(signed) * 2 // 3],
         "manifest": MANIFEST + MANIFEST_BYTES,
         "npz": NPZ + REFERENCE,
-        "npz-compressed": NPZ + (lambda b: (np.savez_compressed(b, x=np.zeros(1000)), b.getvalue())[1])(io.BytesIO()),
+        "npz-compressed": NPZ + compressed.getvalue(),
         "npz-pickle": NPZ + pickled.getvalue(),
         "signature": SIGNATURE + SIGNATURE_BYTES,
     }
