@@ -88,8 +88,8 @@ def _short(e: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _inflate(archive: zipfile.ZipFile, name: str, where: Path, limit: int, declared: int | None = None) -> bytes:
-    """Member ``name``, read in chunks and never past ``limit`` bytes (or ``declared``, the manifest's size).
+def _inflate(archive: zipfile.ZipFile, name: str, where: Path, limit: int, declared: int | None = None) -> tuple[bytes, str]:
+    """(member ``name``, its sha256), read and hashed in chunks, never past ``limit`` bytes (or ``declared``, the manifest's size).
 
     Refused before any inflating: a compression method other than stored / deflated, a size in the zip
     other than the manifest's, a ratio deflate cannot make (a zip bomb)."""
@@ -106,7 +106,7 @@ def _inflate(archive: zipfile.ZipFile, name: str, where: Path, limit: int, decla
     honest = info.compress_size if info.compress_type == zipfile.ZIP_STORED else MAX_RATIO * info.compress_size
     if info.file_size > honest:
         raise PackageError(f"{where}: member {name} claims {info.file_size} bytes from {info.compress_size} (a zip bomb)", ALTERED)
-    chunks, got = [], 0
+    chunks, got, digest = [], 0, hashlib.sha256()
     try:
         with archive.open(info) as f:
             while chunk := f.read(min(CHUNK, info.file_size - got + 1)):
@@ -114,11 +114,12 @@ def _inflate(archive: zipfile.ZipFile, name: str, where: Path, limit: int, decla
                 if got > info.file_size:
                     raise PackageError(f"{where}: member {name} inflates past its {info.file_size} bytes", ALTERED)
                 chunks.append(chunk)
+                digest.update(chunk)
     except _ZIP_ERRORS as e:
         raise PackageError(f"{where}: member {name} is unreadable ({_short(e)})", AGAIN) from None
     if got != info.file_size:
         raise PackageError(f"{where}: member {name} is truncated ({got} of {info.file_size} bytes)", AGAIN)
-    return b"".join(chunks)
+    return b"".join(chunks), digest.hexdigest()
 
 
 def _want(ok: bool, where: Path, field: str, expected: str) -> None:
@@ -200,7 +201,7 @@ def _manifest(archive: zipfile.ZipFile, path: Path) -> tuple[dict, bytes]:
     """(manifest, its exact bytes: what a signature signs)."""
     if MANIFEST not in archive.NameToInfo:
         raise PackageError(f"{path} has no {MANIFEST}", "it is not an edgellm package")
-    raw = _inflate(archive, MANIFEST, path, MAX_MANIFEST_BYTES)
+    raw, _ = _inflate(archive, MANIFEST, path, MAX_MANIFEST_BYTES)
     try:
         manifest = json.loads(raw)
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested past the parser
@@ -234,8 +235,8 @@ def read_package(path: str | Path, trusted_keys=None, *, env: bool = True) -> tu
             raise PackageError(f"{path} holds members the manifest does not list: {shown}", "the package was altered")
         members = {}
         for name, meta in manifest["files"].items():
-            data = _inflate(archive, name, path, meta["size"], declared=meta["size"])
-            if sha256_bytes(data) != meta["sha256"]:
+            data, sha256 = _inflate(archive, name, path, meta["size"], declared=meta["size"])
+            if sha256 != meta["sha256"]:
                 raise PackageError(f"{path}: member {name} fails its sha256 check (altered or corrupt)", AGAIN)
             if name.endswith(".npz"):
                 _npz_arrays(data, f"{path}: member {name}", load=False)
@@ -385,7 +386,7 @@ def _signature(archive: zipfile.ZipFile, path: Path) -> dict | None:
     """The package's signature member, checked for shape (not verified), or None when it is unsigned."""
     if SIGNATURE not in archive.NameToInfo:
         return None
-    raw = _inflate(archive, SIGNATURE, path, MAX_SIGNATURE_BYTES)
+    raw, _ = _inflate(archive, SIGNATURE, path, MAX_SIGNATURE_BYTES)
     try:
         sig = json.loads(raw)
     except (ValueError, RecursionError):
