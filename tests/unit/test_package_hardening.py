@@ -246,9 +246,10 @@ def test_the_writer_and_the_hardened_reader_agree(tmp_path, members):
     assert read_package(path) == (written, members)
 
 
+@pytest.mark.slow
 def test_fuzzing_the_reader_finds_no_crash(tmp_path):
     """tests/fuzz/fuzz_package.py for 25 s: libFuzzer exits 0 only when every input ended in success or PackageError."""
-    pytest.importorskip("atheris")
+    pytest.importorskip("atheris", reason="the fuzzer is in the dev extra: pip install -e '.[dev]'")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fuzz" / "fuzz_package.py"), str(corpus), "-max_total_time=25",
