@@ -228,7 +228,7 @@ def read_package(path: str | Path, trusted_keys=None, *, env: bool = True) -> tu
         manifest, raw = _manifest(archive, path)
         signature = _signature(archive, path)
         if keys:
-            verify(raw, signature, keys, path)
+            verify_signature(raw, signature, keys, path)
         extra = set(archive.namelist()) - set(manifest["files"]) - {MANIFEST, SIGNATURE}
         if extra:
             shown = sorted(extra)[:5]
@@ -351,6 +351,8 @@ def public_key_bytes(text: str, where: str) -> bytes:
 def trusted(keys=None, env: bool = True) -> list[bytes]:
     """The trusted public keys: ``keys`` (.pub paths or key strings) plus the os.pathsep-separated list in
     $EDGELLM_TRUSTED_KEYS. The variable adds to what code passes and is never overridden by it: a device's policy."""
+    if isinstance(keys, (str, Path)):  # one key given bare
+        keys = [keys]
     items = [str(k) for k in (keys or [])]
     if env:
         items += [k for k in os.environ.get(TRUSTED_KEYS_ENV, "").split(os.pathsep) if k.strip()]
@@ -407,7 +409,7 @@ def read_signature(path: str | Path) -> dict | None:
         return _signature(archive, path)
 
 
-def verify(manifest_bytes: bytes, signature: dict | None, keys: list[bytes], path: Path) -> str:
+def verify_signature(manifest_bytes: bytes, signature: dict | None, keys: list[bytes], path: Path) -> str:
     """The fingerprint of the trusted key that signed these manifest bytes; PackageError when none did."""
     if signature is None:
         raise PackageError(f"{path} is unsigned and trusted keys are set ({len(keys)})",

@@ -89,6 +89,7 @@ def test_signed_package_verifies_with_its_key_given_any_way(pkg, key, other, mon
     sign_package(pkg, key["private"])
     assert read_package(pkg, [key["public"]])[1] == MEMBERS  # a .pub path
     assert read_package(pkg, [key["key"]])[1] == MEMBERS  # the 64 hex digits
+    assert read_package(pkg, key["public"])[1] == MEMBERS  # one key, not in a list
     monkeypatch.setenv(TRUSTED_KEYS_ENV, os.pathsep.join([other["public"], key["key"]]))
     assert read_package(pkg)[1] == MEMBERS  # the variable alone: a list of .pub paths and keys
 
