@@ -201,12 +201,21 @@ def quantize_cmd(source, calib, eval_set, input_shapes, output, as_json):
     _emit(report, as_json, lambda r: console.print(r["summary"]))
 
 
+def _signed(signature: dict | None) -> str:
+    if signature is None:
+        return "no"
+    verified = ", verified against the trusted keys" if signature["verified"] else " (not verified: give --trusted-key)"
+    return f"by key {signature['key_fingerprint'][:16]}… ({signature['algorithm']}){verified}"
+
+
 @main.command()
 @click.argument("package", type=click.Path())
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="KEY.pub",
+              help="verify the whole package and its signature by this key (repeat for several)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly
-def inspect(package, as_json):
-    """Show a package's manifest: inputs, outputs, target, sizes, hashes."""
+def inspect(package, trusted_keys, as_json):
+    """Show a package's manifest: inputs, outputs, target, sizes, hashes, signature."""
     from edgellm import api
 
     def human(m):
@@ -220,6 +229,7 @@ def inspect(package, as_json):
             "  outputs   " + ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in m["outputs"]),
             f"  verified  {m['verification']['status']}" + (f", error {m['verification']['rel_max_abs']:.2g} of output scale" if m["verification"]["status"] == "passed" else ""),
             f"  built     {m['created']} by edgellm {m['edgellm_version']} (format {m['format_version']})",
+            "  signed    " + _signed(m["package"]["signature"]),
         ]
         if "llm" in m:  # a language model
             lm, c = m["llm"], m["llm"]["config"]
@@ -235,7 +245,7 @@ def inspect(package, as_json):
         lines += [f"    {name:<16} {f['size']:>10,} B  sha256 {f['sha256'][:16]}…" for name, f in m["files"].items()]
         click.echo("\n".join(lines))
 
-    _emit(api.inspect(package), as_json, human)
+    _emit(api.inspect(package, trusted_keys), as_json, human)
 
 
 @main.command()
@@ -243,16 +253,18 @@ def inspect(package, as_json):
 @click.option("-i", "--input", "inputs", multiple=True, help="x.npy, NAME=x.npy, or one inputs.npz [default: the package's sample]")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="write outputs to this .npz")
 @click.option("--threads", type=int, help="CPU threads [default: all cores]")
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="KEY.pub",
+              help="refuse the package unless signed by this key (repeat for several; adds to $EDGELLM_TRUSTED_KEYS)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly
-def run(package, inputs, output, threads, as_json):
+def run(package, inputs, output, threads, trusted_keys, as_json):
     """Run one inference of PACKAGE on inputs from files."""
     import numpy as np
 
     from edgellm import runtime
     from edgellm.runtime.__main__ import read_inputs
 
-    model = runtime.load(package, threads=threads)
+    model = runtime.load(package, threads=threads, trusted_keys=trusted_keys)
     if not isinstance(model, runtime.Model):
         model.run()  # a language model: the error says to generate instead
     outputs = model.run(**read_inputs(model, list(inputs)))
@@ -277,15 +289,17 @@ def run(package, inputs, output, threads, as_json):
 @click.option("--seed", type=int, help="sampling seed")
 @click.option("--raw", is_flag=True, help="no chat template: continue the prompt text")
 @click.option("--threads", type=int, help="CPU threads [default: all cores]")
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="KEY.pub",
+              help="refuse the package unless signed by this key (repeat for several; adds to $EDGELLM_TRUSTED_KEYS)")
 @click.option("--json", "as_json", is_flag=True, help="the reply, its token ids and timings as JSON")
 @friendly
-def generate(package, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, threads, as_json):
+def generate(package, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, threads, trusted_keys, as_json):
     """Generate text with a language-model PACKAGE, streamed as it is made."""
     import time
 
     from edgellm import runtime
 
-    lm = runtime.load(package, threads=threads)
+    lm = runtime.load(package, threads=threads, trusted_keys=trusted_keys)
     from edgellm.runtime.lm import LanguageModel
 
     if not isinstance(lm, LanguageModel):
@@ -325,9 +339,11 @@ def generate(package, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
 @click.option("--gen-len", default=64, show_default=True, type=click.IntRange(min=2), help="language models: new tokens")
 @click.option("--remote", help="run it on a device of the fleet instead: TRACKER_HOST:PORT/KEY (see `edgellm devices`)")
 @click.option("--all", "every", is_flag=True, help="with --remote: on every device of the key, one report each")
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="KEY.pub",
+              help="refuse the package unless signed by this key (repeat for several; adds to $EDGELLM_TRUSTED_KEYS)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (schema edgellm.profile/1, language models edgellm.lm-profile/1)")
 @friendly
-def profile(package, runs, warmup, threads, per_op, prompt_len, gen_len, remote, every, as_json):
+def profile(package, runs, warmup, threads, per_op, prompt_len, gen_len, remote, every, trusted_keys, as_json):
     """Latency p50/p90/p99, throughput, load time and memory of PACKAGE on this machine or on fleet devices (language
     models: time to first token, prefill and decode tokens/s, memory)."""
     from edgellm import runtime
@@ -341,7 +357,7 @@ def profile(package, runs, warmup, threads, per_op, prompt_len, gen_len, remote,
         _profile_remote(package, remote, every, {"runs": runs, "warmup": warmup, "threads": threads, "per_op": per_op,
                                                  "prompt_len": prompt_len, "gen_len": gen_len}, as_json)
         return
-    model = runtime.load(package, threads=threads)
+    model = runtime.load(package, threads=threads, trusted_keys=trusted_keys)
     from edgellm.runtime.lm import LanguageModel
 
     if isinstance(model, LanguageModel):
@@ -455,6 +471,36 @@ def verify(package, tolerance, qemu_cpu, as_json):
     _emit(result, as_json, human)
     if not result["passed"]:
         sys.exit(1)
+
+
+@main.command()
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="NAME",
+              help="write the private key to NAME (mode 0600) and the public key to NAME.pub")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def keygen(output, as_json):
+    """Make an Ed25519 key pair for signing packages: NAME (private, PEM PKCS8) and NAME.pub (public, 64 hex digits)."""
+    from edgellm.signing import keygen as make_key
+
+    result = make_key(output)
+    _emit(result, as_json, lambda r: click.echo(
+        f"wrote {r['private']} (private: keep it secret, sign with it) and {r['public']} (public: give it to devices)\n"
+        f"key fingerprint {r['fingerprint']}"))
+
+
+@main.command()
+@click.argument("package", type=click.Path())
+@click.option("--key", required=True, type=click.Path(dir_okay=False), metavar="NAME", help="the private key from `edgellm keygen -o NAME`")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="write the signed package here [default: sign PACKAGE in place]")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def sign(package, key, output, as_json):
+    """Sign PACKAGE's manifest (which holds every member's sha256) with an Ed25519 key; devices given the key's .pub
+    (--trusted-key, $EDGELLM_TRUSTED_KEYS) then load only packages it signed."""
+    from edgellm.signing import sign_package
+
+    result = sign_package(package, key, output)
+    _emit(result, as_json, lambda r: click.echo(f"signed {r['package']} with key {r['key_fingerprint'][:16]}… (member {r['member']})"))
 
 
 @main.command("bundle-runtime")

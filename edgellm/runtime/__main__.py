@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("package")
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--trusted-key", dest="trusted_keys", action="append", default=[], metavar="KEY.pub",
+                       help="refuse the package unless signed by this key (repeat for several; adds to $EDGELLM_TRUSTED_KEYS)")
         if name == "run":
             p.add_argument("--input", action="append", default=[], help="x.npy, NAME=x.npy or inputs.npz (default: the package's sample)")
             p.add_argument("-o", "--output", help="write outputs to this .npz")
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from edgellm.runtime.lm import LanguageModel
 
-        model = load(args.package, threads=args.threads)
+        model = load(args.package, threads=args.threads, trusted_keys=args.trusted_keys)
         if args.command == "run" and isinstance(model, LanguageModel):
             model.run()  # raises: generate instead
         if args.command == "run":
