@@ -19,7 +19,7 @@ from edgellm.recipe import BuildRecipe, Recipe  # noqa: F401  (edgellm.BuildReci
 from edgellm.recipe import make as make_recipe
 from edgellm.runtime import device
 from edgellm.runtime.accuracy import compare
-from edgellm.runtime.package import read_manifest, sha256_file
+from edgellm.runtime.package import read_manifest, read_package, read_signature, sha256_file
 
 STAGES = ("source", "trace", "compile", "verify", "package")
 # fp16 (GPU) builds: error allowed relative to the output scale, and the cosine floor the outputs must keep.
@@ -224,7 +224,14 @@ def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", 
     return BuildResult(out, manifest, seconds)
 
 
-def inspect(path: str | Path) -> dict:
-    """The manifest plus the package's own size and sha256."""
+def inspect(path: str | Path, trusted_keys=None) -> dict:
+    """The manifest plus the package's own size, sha256 and signature (None: unsigned). With ``trusted_keys`` the whole
+    package is verified, signature included, and ``signature.verified`` is True (or a PackageError is raised)."""
     manifest = read_manifest(path)
-    return {**manifest, "package": {"path": str(path), "size": Path(path).stat().st_size, "sha256": sha256_file(path)}}
+    sig = read_signature(path)
+    signature = None if sig is None else {"algorithm": sig["algorithm"], "key_fingerprint": sig["key_fingerprint"], "verified": None}
+    if trusted_keys:
+        read_package(path, trusted_keys)
+        signature["verified"] = True
+    return {**manifest, "package": {"path": str(path), "size": Path(path).stat().st_size, "sha256": sha256_file(path),
+                                    "signature": signature}}

@@ -15,8 +15,9 @@ import edgellm
 from edgellm.errors import EdgeError
 
 PACKAGE_ROOT = Path(edgellm.__file__).parent
-# the runtime imports edgellm (its __init__ is stdlib-only), edgellm.errors and edgellm.runtime: nothing else
-RUNTIME_FILES = ("__init__.py", "errors.py", "runtime")
+# the runtime imports edgellm (its __init__ is stdlib-only), edgellm.errors and edgellm.runtime: nothing else;
+# fleet/ holds the device agent (edgellm agent), which needs no more than the runtime
+RUNTIME_FILES = ("__init__.py", "errors.py", "runtime", "fleet")
 
 
 def copy_runtime_sources(dest: Path) -> Path:

@@ -201,12 +201,21 @@ def quantize_cmd(source, calib, eval_set, input_shapes, output, as_json):
     _emit(report, as_json, lambda r: console.print(r["summary"]))
 
 
+def _signed(signature: dict | None) -> str:
+    if signature is None:
+        return "no"
+    verified = ", verified against the trusted keys" if signature["verified"] else " (not verified: give --trusted-key)"
+    return f"by key {signature['key_fingerprint'][:16]}… ({signature['algorithm']}){verified}"
+
+
 @main.command()
 @click.argument("package", type=click.Path())
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="KEY.pub",
+              help="verify the whole package and its signature by this key (repeat for several)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly
-def inspect(package, as_json):
-    """Show a package's manifest: inputs, outputs, target, sizes, hashes."""
+def inspect(package, trusted_keys, as_json):
+    """Show a package's manifest: inputs, outputs, target, sizes, hashes, signature."""
     from edgellm import api
 
     def human(m):
@@ -220,6 +229,7 @@ def inspect(package, as_json):
             "  outputs   " + ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in m["outputs"]),
             f"  verified  {m['verification']['status']}" + (f", error {m['verification']['rel_max_abs']:.2g} of output scale" if m["verification"]["status"] == "passed" else ""),
             f"  built     {m['created']} by edgellm {m['edgellm_version']} (format {m['format_version']})",
+            "  signed    " + _signed(m["package"]["signature"]),
         ]
         if "llm" in m:  # a language model
             lm, c = m["llm"], m["llm"]["config"]
@@ -235,7 +245,7 @@ def inspect(package, as_json):
         lines += [f"    {name:<16} {f['size']:>10,} B  sha256 {f['sha256'][:16]}…" for name, f in m["files"].items()]
         click.echo("\n".join(lines))
 
-    _emit(api.inspect(package), as_json, human)
+    _emit(api.inspect(package, trusted_keys), as_json, human)
 
 
 @main.command()
@@ -243,16 +253,18 @@ def inspect(package, as_json):
 @click.option("-i", "--input", "inputs", multiple=True, help="x.npy, NAME=x.npy, or one inputs.npz [default: the package's sample]")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="write outputs to this .npz")
 @click.option("--threads", type=int, help="CPU threads [default: all cores]")
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="KEY.pub",
+              help="refuse the package unless signed by this key (repeat for several; adds to $EDGELLM_TRUSTED_KEYS)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly
-def run(package, inputs, output, threads, as_json):
+def run(package, inputs, output, threads, trusted_keys, as_json):
     """Run one inference of PACKAGE on inputs from files."""
     import numpy as np
 
     from edgellm import runtime
     from edgellm.runtime.__main__ import read_inputs
 
-    model = runtime.load(package, threads=threads)
+    model = runtime.load(package, threads=threads, trusted_keys=trusted_keys)
     if not isinstance(model, runtime.Model):
         model.run()  # a language model: the error says to generate instead
     outputs = model.run(**read_inputs(model, list(inputs)))
@@ -277,15 +289,17 @@ def run(package, inputs, output, threads, as_json):
 @click.option("--seed", type=int, help="sampling seed")
 @click.option("--raw", is_flag=True, help="no chat template: continue the prompt text")
 @click.option("--threads", type=int, help="CPU threads [default: all cores]")
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="KEY.pub",
+              help="refuse the package unless signed by this key (repeat for several; adds to $EDGELLM_TRUSTED_KEYS)")
 @click.option("--json", "as_json", is_flag=True, help="the reply, its token ids and timings as JSON")
 @friendly
-def generate(package, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, threads, as_json):
+def generate(package, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, threads, trusted_keys, as_json):
     """Generate text with a language-model PACKAGE, streamed as it is made."""
     import time
 
     from edgellm import runtime
 
-    lm = runtime.load(package, threads=threads)
+    lm = runtime.load(package, threads=threads, trusted_keys=trusted_keys)
     from edgellm.runtime.lm import LanguageModel
 
     if not isinstance(lm, LanguageModel):
@@ -321,10 +335,12 @@ def generate(package, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port")
 @click.option("--api-key", envvar="EDGELLM_API_KEY", help="require 'Authorization: Bearer KEY' (health probes excepted) [env EDGELLM_API_KEY]")
 @click.option("--threads", type=int, help="CPU threads one call uses [default: all cores]; cores / threads calls run at once, per model")
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="KEY.pub",
+              help="refuse packages not signed by this key (repeat for several; adds to $EDGELLM_TRUSTED_KEYS)")
 @click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="larger request bodies get 413")
 @click.option("--json", "as_json", is_flag=True, help="the startup line as JSON: url, port, models")
 @friendly
-def serve(packages, host, port, api_key, threads, max_body_mb, as_json):
+def serve(packages, host, port, api_key, threads, trusted_keys, max_body_mb, as_json):
     """Serve PACKAGES over HTTP until Ctrl-C: models over KServe v2 / Triton's protocol (/v2/models/NAME/infer), language
     models over OpenAI's API (/v1/chat/completions, /v1/completions). NAME: the file stem, or NAME=PKG."""
     from edgellm.serve import serve as run_server
@@ -341,7 +357,8 @@ def serve(packages, host, port, api_key, threads, max_body_mb, as_json):
             click.echo("note: listening on every network interface" + ("" if info["api_key"] else ", without an API key: anyone who can reach "
                                                                        "this machine can call it (give --api-key)"))
 
-    run_server(list(packages), host=host, port=port, api_key=api_key, threads=threads, max_body=int(max_body_mb * (1 << 20)), announce=announce)
+    run_server(list(packages), host=host, port=port, api_key=api_key, threads=threads, trusted_keys=list(trusted_keys),
+               max_body=int(max_body_mb * (1 << 20)), announce=announce)
 
 
 @main.command()
@@ -352,17 +369,27 @@ def serve(packages, host, port, api_key, threads, max_body_mb, as_json):
 @click.option("--per-op", is_flag=True, help="time per fused kernel")
 @click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1), help="language models: prompt tokens")
 @click.option("--gen-len", default=64, show_default=True, type=click.IntRange(min=2), help="language models: new tokens")
+@click.option("--remote", help="run it on a device of the fleet instead: TRACKER_HOST:PORT/KEY (see `edgellm devices`)")
+@click.option("--all", "every", is_flag=True, help="with --remote: on every device of the key, one report each")
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="KEY.pub",
+              help="refuse the package unless signed by this key (repeat for several; adds to $EDGELLM_TRUSTED_KEYS)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (schema edgellm.profile/1, language models edgellm.lm-profile/1)")
 @friendly
-def profile(package, runs, warmup, threads, per_op, prompt_len, gen_len, as_json):
-    """Latency p50/p90/p99, throughput, load time and memory of PACKAGE on this machine (language models: time to first
-    token, prefill and decode tokens/s, memory)."""
+def profile(package, runs, warmup, threads, per_op, prompt_len, gen_len, remote, every, trusted_keys, as_json):
+    """Latency p50/p90/p99, throughput, load time and memory of PACKAGE on this machine or on fleet devices (language
+    models: time to first token, prefill and decode tokens/s, memory)."""
     from edgellm import runtime
     from edgellm.runtime.profile import format_report
 
     if runs < 1 or warmup < 0:
         raise EdgeError("--runs must be at least 1 and --warmup at least 0")
-    model = runtime.load(package, threads=threads)
+    if every and not remote:
+        raise EdgeError("--all needs --remote HOST:PORT/KEY")
+    if remote:
+        _profile_remote(package, remote, every, {"runs": runs, "warmup": warmup, "threads": threads, "per_op": per_op,
+                                                 "prompt_len": prompt_len, "gen_len": gen_len}, as_json)
+        return
+    model = runtime.load(package, threads=threads, trusted_keys=trusted_keys)
     from edgellm.runtime.lm import LanguageModel
 
     if isinstance(model, LanguageModel):
@@ -373,6 +400,84 @@ def profile(package, runs, warmup, threads, per_op, prompt_len, gen_len, as_json
         return
     report = model.profile(runs=runs, warmup=warmup, per_op=per_op)
     _emit(report, as_json, lambda r: click.echo(format_report(r)))
+
+
+def _profile_remote(package, remote, every, options, as_json):
+    """One report per device (``--all``: every device of the key); a device that failed is one line, the others report."""
+    from edgellm.fleet.remote import Remote, run_remote
+    from edgellm.runtime.profile import format_lm_report, format_report
+
+    results = run_remote(package, Remote.parse(remote), "profile", options, every=every)
+    if not every and "error" in results[0]:
+        raise EdgeError(results[0]["error"])
+    if as_json:
+        _emit(results if every else results[0], True, None)
+    else:
+        for r in results:
+            d = r.get("device") or {}
+            click.echo(f"== {remote} {d.get('hostname', '')} pid {d.get('pid', '?')} {d.get('machine', '')}"
+                       + (f" (emulated {d['emulated']}: not device speed)" if d.get("emulated") else ""))
+            click.echo(f"error: {r['error']}" if "error" in r else
+                       (format_lm_report(r) if r.get("schema", "").startswith("edgellm.lm-profile") else format_report(r)))
+    if any("error" in r for r in results):
+        sys.exit(2)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0 for the LAN)")
+@click.option("--port", default=9190, show_default=True, help="first port to try (up to port+9)")
+@friendly
+def tracker(host, port):
+    """TVM's RPC tracker: the pool that fleet devices (`edgellm agent`) join and `profile --remote` draws from."""
+    import time
+
+    from edgellm.fleet.remote import start_tracker
+
+    t = start_tracker(host, port, port + 10)
+    click.echo(f"tracker listening on {host}:{t.port} (Ctrl-C stops it); devices join with: edgellm agent --tracker HOST:{t.port} --key NAME", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        t.terminate()
+
+
+@main.command()
+@click.option("--tracker", "tracker_addr", required=True, help="the tracker, HOST:PORT")
+@click.option("--key", required=True, help="the device type to pool this device under, e.g. rpi4")
+@click.option("--host", default="0.0.0.0", show_default=True, help="address the RPC server listens on")
+@click.option("--port", default=9090, show_default=True, help="first port to try")
+@click.option("--emulate", help="run the agent in the emulated arm64 userland of this target (rpi4, rpi5, arm64): a real remote process, not device speed")
+@friendly
+def agent(tracker_addr, key, host, port, emulate):
+    """A device of the fleet: TVM's RPC server registered under KEY, running packages with edgellm's runtime.
+    On a device itself: `python -m edgellm.fleet.agent` (needs only edgellm[runtime])."""
+    from edgellm.fleet.launch import start_agent
+
+    a = start_agent(tracker_addr, key, emulate=emulate, host=host, port=port, progress=lambda m: click.echo(m, err=True))
+    click.echo(f"agent {key} on port {a.info['port']} ({a.info['machine']}{', emulated ' + a.info['emulated'] if a.info.get('emulated') else ''}), "
+               f"registered with {tracker_addr}; Ctrl-C stops it", err=True)
+    sys.exit(a.wait())
+
+
+@main.command()
+@click.option("--tracker", "tracker_addr", required=True, help="the tracker, HOST:PORT")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def devices(tracker_addr, as_json):
+    """The fleet: each key, how many devices, how many free or busy, and where they are."""
+    from edgellm.fleet.agent import parse_address
+    from edgellm.fleet.remote import devices as fleet
+
+    data = fleet(*parse_address(tracker_addr))
+
+    def human(d):
+        if not d["keys"]:
+            click.echo(f"no devices at {d['tracker']}")
+        for key, e in sorted(d["keys"].items()):
+            click.echo(f"{key:<16} {e['total']} device(s), {e['free']} free, {e['busy']} busy, {e['pending']} waiting   {' '.join(e['devices'])}")
+
+    _emit(data, as_json, human)
 
 
 @main.command()
@@ -398,6 +503,36 @@ def verify(package, tolerance, qemu_cpu, as_json):
     _emit(result, as_json, human)
     if not result["passed"]:
         sys.exit(1)
+
+
+@main.command()
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="NAME",
+              help="write the private key to NAME (mode 0600) and the public key to NAME.pub")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def keygen(output, as_json):
+    """Make an Ed25519 key pair for signing packages: NAME (private, PEM PKCS8) and NAME.pub (public, 64 hex digits)."""
+    from edgellm.signing import keygen as make_key
+
+    result = make_key(output)
+    _emit(result, as_json, lambda r: click.echo(
+        f"wrote {r['private']} (private: keep it secret, sign with it) and {r['public']} (public: give it to devices)\n"
+        f"key fingerprint {r['fingerprint']}"))
+
+
+@main.command()
+@click.argument("package", type=click.Path())
+@click.option("--key", required=True, type=click.Path(dir_okay=False), metavar="NAME", help="the private key from `edgellm keygen -o NAME`")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="write the signed package here [default: sign PACKAGE in place]")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def sign(package, key, output, as_json):
+    """Sign PACKAGE's manifest (which holds every member's sha256) with an Ed25519 key; devices given the key's .pub
+    (--trusted-key, $EDGELLM_TRUSTED_KEYS) then load only packages it signed."""
+    from edgellm.signing import sign_package
+
+    result = sign_package(package, key, output)
+    _emit(result, as_json, lambda r: click.echo(f"signed {r['package']} with key {r['key_fingerprint'][:16]}… (member {r['member']})"))
 
 
 @main.command("bundle-runtime")

@@ -20,7 +20,7 @@ mirror and PyPI for the first :func:`prepare_rootfs` only.
 
 from ._errors import EmulationError
 from ._rootfs import cache_dir, prepare_rootfs, prune_tvm_runtime, runtime_wheels, site_packages
-from ._run import illegal_instruction, qemu_cpus, run_python
+from ._run import illegal_instruction, qemu_cpus, run_python, start_python
 from ._tools import ensure_cross_compiler, ensure_host_tools
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "prepare_rootfs",
     "prune_tvm_runtime",
     "run_python",
+    "start_python",
     "illegal_instruction",
     "runtime_wheels",
     "qemu_cpus",

@@ -54,22 +54,8 @@ def _mode() -> str:
     return mode
 
 
-def run_python(rootfs, workdir, script: str, args=(), qemu_cpu: str | None = None,
-               env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python3 script *args`` with the arm64 Python of ``rootfs`` under qemu-user; capture text output.
-
-    Modes (``$EDGELLM_ARM64_MODE``: auto / chroot / prefix):
-
-    * chroot (auto when root and mount namespaces work): private mount namespace, ``workdir`` bind-mounted
-      at ``/work`` (the cwd), fresh /proc, /dev and /sys bind-mounted, chroot into the rootfs.  Nothing of
-      the host leaks in; give paths relative to ``workdir``.
-    * prefix (otherwise, no root needed): ``QEMU_LD_PREFIX=rootfs``, cwd = ``workdir``; host paths are
-      visible (files missing from the rootfs fall back to the host's).
-
-    ``TVM_USE_RUNTIME_LIB=1`` is always set; ``qemu_cpu`` sets QEMU_CPU (see :func:`qemu_cpus`; qemu's
-    default, ``max``, has every extension and so hides illegal instructions); ``env`` adds/overrides guest
-    environment variables (e.g. PYTHONPATH).  A timeout raises ``subprocess.TimeoutExpired``.
-    """
+def _command(rootfs, workdir, script: str, args, qemu_cpu: str | None, env: dict | None) -> tuple[list[str], str | None, dict]:
+    """(argv, cwd, environment) that run ``python3 script *args`` with the arm64 Python of ``rootfs`` under qemu-user."""
     rootfs = pathlib.Path(rootfs).resolve()
     workdir = pathlib.Path(workdir).resolve()
     py = rootfs / "usr/bin/python3"
@@ -96,13 +82,38 @@ def run_python(rootfs, workdir, script: str, args=(), qemu_cpu: str | None = Non
         _install_qemu(rootfs)
         cmd = [which("unshare") or "unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c", _CHROOT_SH, "sh",
                str(rootfs), str(workdir), "/usr/bin/python3", script, *argv]
-        cwd = None
-    else:
-        guest_env["QEMU_LD_PREFIX"] = str(rootfs)
-        cmd = [qemu_binary(), str(py), script, *argv]
-        cwd = str(workdir)
+        return cmd, None, guest_env
+    guest_env["QEMU_LD_PREFIX"] = str(rootfs)
+    return [qemu_binary(), str(py), script, *argv], str(workdir), guest_env
+
+
+def run_python(rootfs, workdir, script: str, args=(), qemu_cpu: str | None = None,
+               env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python3 script *args`` with the arm64 Python of ``rootfs`` under qemu-user; capture text output.
+
+    Modes (``$EDGELLM_ARM64_MODE``: auto / chroot / prefix):
+
+    * chroot (auto when root and mount namespaces work): private mount namespace, ``workdir`` bind-mounted
+      at ``/work`` (the cwd), fresh /proc, /dev and /sys bind-mounted, chroot into the rootfs.  Nothing of
+      the host leaks in; give paths relative to ``workdir``.
+    * prefix (otherwise, no root needed): ``QEMU_LD_PREFIX=rootfs``, cwd = ``workdir``; host paths are
+      visible (files missing from the rootfs fall back to the host's).
+
+    ``TVM_USE_RUNTIME_LIB=1`` is always set; ``qemu_cpu`` sets QEMU_CPU (see :func:`qemu_cpus`; qemu's
+    default, ``max``, has every extension and so hides illegal instructions); ``env`` adds/overrides guest
+    environment variables (e.g. PYTHONPATH).  A timeout raises ``subprocess.TimeoutExpired``.
+    """
+    cmd, cwd, guest_env = _command(rootfs, workdir, script, args, qemu_cpu, env)
     return subprocess.run(cmd, cwd=cwd, env=guest_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, errors="replace", timeout=timeout)
+
+
+def start_python(rootfs, workdir, script: str, args=(), qemu_cpu: str | None = None, env: dict | None = None,
+                 **popen) -> subprocess.Popen:
+    """:func:`run_python` for a long-running guest process (a fleet agent): started, not waited for.
+    The guest shares the host's network, so it reaches a tracker on the host's loopback."""
+    cmd, cwd, guest_env = _command(rootfs, workdir, script, args, qemu_cpu, env)
+    return subprocess.Popen(cmd, cwd=cwd, env=guest_env, text=True, errors="replace", **popen)
 
 
 _SIGILL_TEXT = re.compile(r"uncaught target signal 4 \(Illegal instruction\)|Illegal instruction")

@@ -1,11 +1,12 @@
 """The tiny runtime: load an .edgepkg and run it, on the device.
 
 Imports numpy, the standard library and the package's backend runtime (TVM's runtime
-library) only — never torch, onnx, click or a compiler. ``tests/unit/test_runtime_purity.py``
-proves it; ``edgellm bundle-runtime`` copies exactly this folder to a device.
+library) only — never torch, onnx, click or a compiler; ``cryptography`` only to verify a signed
+package. ``tests/backends/tvm/test_runtime_purity.py`` and ``tests/unit/test_imports.py`` prove it;
+``edgellm bundle-runtime`` copies exactly this folder to a device.
 
     import edgellm.runtime as rt
-    m = rt.load("kws.edgepkg")
+    m = rt.load("kws.edgepkg")                                  # or trusted_keys=["release.pub"]: signed packages only
     y = m(x)
 """
 

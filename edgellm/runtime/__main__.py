@@ -1,4 +1,4 @@
-"""``python -m edgellm.runtime run|profile|check PKG`` and ``serve PKG...``: the device-side command line.
+"""``python -m edgellm.runtime run|profile|check PKG``: the device-side command line.
 
 argparse, not click: a device has only the runtime.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
@@ -50,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("package")
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--trusted-key", dest="trusted_keys", action="append", default=[], metavar="KEY.pub",
+                       help="refuse the package unless signed by this key (repeat for several; adds to $EDGELLM_TRUSTED_KEYS)")
         if name == "run":
             p.add_argument("--input", action="append", default=[], help="x.npy, NAME=x.npy or inputs.npz (default: the package's sample)")
             p.add_argument("-o", "--output", help="write outputs to this .npz")
@@ -60,21 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "check":
             p.add_argument("--tolerance", type=float, default=None,
                            help="max |error| relative to the output scale [default: the package's own, set at build time]")
-    p = sub.add_parser("serve", help="serve packages over HTTP: KServe v2 / Triton, and OpenAI's API for language models")
-    p.add_argument("packages", nargs="+", metavar="PKG|NAME=PKG")
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0: every interface (give an --api-key)")
-    p.add_argument("--port", type=int, default=8000, help="0: any free port")
-    p.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY"), help="require 'Authorization: Bearer KEY' [env EDGELLM_API_KEY]")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--max-body-mb", type=float, default=64.0)
-    p.add_argument("--json", action="store_true", help="the startup line as JSON")
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
     try:
         from edgellm.runtime.lm import LanguageModel
 
-        model = load(args.package, threads=args.threads)
+        model = load(args.package, threads=args.threads, trusted_keys=args.trusted_keys)
         if args.command == "run" and isinstance(model, LanguageModel):
             model.run()  # raises: generate instead
         if args.command == "run":
@@ -101,25 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    return 0
-
-
-def _serve(args) -> int:
-    def announce(info):
-        print(json.dumps(info) if args.json else f"serving {', '.join(info['models'])} at {info['url']} (Ctrl-C stops)", flush=True)
-
-    try:
-        try:
-            from edgellm.serve import serve
-        except ModuleNotFoundError as e:  # a bundle-runtime folder carries the runtime alone
-            raise EdgeError(f"this edgellm has no server ({e.name} is missing)", "pip install 'edgellm[runtime]' on the device") from None
-        serve(args.packages, host=args.host, port=args.port, api_key=args.api_key, threads=args.threads,
-              max_body=int(args.max_body_mb * (1 << 20)), announce=announce)
-    except EdgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:  # while loading (once serving, Ctrl-C stops the server cleanly)
-        return 130
     return 0
 
 

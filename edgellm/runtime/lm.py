@@ -74,15 +74,16 @@ class Sampler:
 class LanguageModel:
     """A verified language-model package, loaded with TVM's runtime library."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, loaded: tuple[dict, dict] | None = None):
-        """``loaded``: (manifest, members) already in memory (the build checks its package before writing it)."""
+    def __init__(self, path: str | Path, threads: int | None = None, loaded: tuple[dict, dict] | None = None, trusted_keys=None):
+        """``loaded``: (manifest, members) already in memory (the build checks its package before writing it).
+        ``trusted_keys``: .pub paths or hex keys; the package must be signed by one (see runtime/package.py)."""
         from edgellm.runtime.engines.tvm import PoolSizer, import_tvm
 
         t0 = time.perf_counter()
         tvm = import_tvm()
         self._rss_baseline = _rss_mb()[0]  # this process with the runtime loaded, before the model: the runtime's own baseline
         self.path = Path(path)
-        self.manifest, members = loaded if loaded else read_package(self.path)
+        self.manifest, members = loaded if loaded else read_package(self.path, trusted_keys)
         members = dict(members)
         check_device(self.manifest, device.cpu_flags())
         lm = self.manifest["llm"]

@@ -37,12 +37,13 @@ def _specs(items: list[dict]) -> list[TensorSpec]:
 class Model:
     """A verified package, ready to run on this machine."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, concurrency: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, concurrency: int | None = None, trusted_keys=None):
         """``threads``: cores one call uses (default: all). ``concurrency``: calls that may run at once
-        (default: cores / threads, so concurrent callers never oversubscribe the cores)."""
+        (default: cores / threads, so concurrent callers never oversubscribe the cores). ``trusted_keys``: .pub paths
+        or hex keys; the package must be signed by one (see runtime/package.py)."""
         t0 = time.perf_counter()
         self.path = Path(path)
-        self.manifest, members = read_package(self.path)
+        self.manifest, members = read_package(self.path, trusted_keys)
         check_device(self.manifest, device.cpu_flags())
         self.inputs = _specs(self.manifest["inputs"])
         self.outputs = _specs(self.manifest["outputs"])
@@ -145,14 +146,14 @@ class Model:
         return profile(self, runs=runs, warmup=warmup, per_op=per_op, inputs=inputs)
 
 
-def load(path: str | Path, threads: int | None = None, concurrency: int | None = None):
-    """Verify a package (checksums, format, architecture, CPU features) and load it: a :class:`Model`, or a
-    :class:`edgellm.runtime.lm.LanguageModel` for a language-model package (one generation at a time: the
-    others wait for the KV cache)."""
+def load(path: str | Path, threads: int | None = None, concurrency: int | None = None, trusted_keys=None):
+    """Verify a package (checksums, format, architecture, CPU features; with ``trusted_keys`` or $EDGELLM_TRUSTED_KEYS,
+    its signature) and load it: a :class:`Model`, or a :class:`edgellm.runtime.lm.LanguageModel` for a language-model
+    package (one generation at a time: the others wait for the KV cache)."""
     from edgellm.runtime.package import read_manifest
 
     if read_manifest(path).get("kind") == "llm":
         from edgellm.runtime.lm import LanguageModel
 
-        return LanguageModel(path, threads=threads)
-    return Model(path, threads=threads, concurrency=concurrency)
+        return LanguageModel(path, threads=threads, trusted_keys=trusted_keys)
+    return Model(path, threads=threads, concurrency=concurrency, trusted_keys=trusted_keys)

@@ -7,7 +7,7 @@
     app.py         the Starlette app: loaded models, API key, error replies; serve() runs it with uvicorn
 
 The device side: imports the runtime, Starlette and uvicorn only (never torch, onnx, click or TVM's compiler),
-so ``python -m edgellm.runtime serve`` works on a board with ``pip install edgellm[runtime]``. uvicorn is imported
+so ``python -m edgellm.serve`` (__main__.py, argparse) works on a board with ``pip install edgellm[runtime]``. uvicorn is imported
 only to run the server (it brings click, for its own command line).
 """
 

@@ -22,8 +22,9 @@ from edgellm.serve import kserve, openai_api
 from edgellm.serve.common import MAX_BODY, HTTPError, Served, error_response
 
 
-def load_models(specs: list[str], threads: int | None = None) -> dict[str, Served]:
-    """``PKG`` (served as its file stem) or ``NAME=PKG`` -> loaded, verified packages by name."""
+def load_models(specs: list[str], threads: int | None = None, trusted_keys=None) -> dict[str, Served]:
+    """``PKG`` (served as its file stem) or ``NAME=PKG`` -> loaded, verified packages by name (signed by one of
+    ``trusted_keys`` / $EDGELLM_TRUSTED_KEYS where given)."""
     from edgellm import runtime
     from edgellm.runtime.lm import LanguageModel
 
@@ -36,7 +37,7 @@ def load_models(specs: list[str], threads: int | None = None) -> dict[str, Serve
             raise EdgeError(f"{name!r} is not a usable model name", "give NAME=PKG with a name without '/'")
         if name in models:
             raise EdgeError(f"two packages would be served as {name!r}: {models[name].path} and {path}", "name one of them: NAME=PKG")
-        model = runtime.load(path, threads=threads)
+        model = runtime.load(path, threads=threads, trusted_keys=trusted_keys or None)
         models[name] = Served(name, Path(path), model, isinstance(model, LanguageModel))
     if not models:
         raise EdgeError("no package to serve", "give one or more .edgepkg files")
@@ -111,7 +112,7 @@ def url_of(sock: socket.socket) -> str:
 
 
 def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, threads: int | None = None,
-          max_body: int = MAX_BODY, announce=print) -> None:
+          trusted_keys=None, max_body: int = MAX_BODY, announce=print) -> None:
     """Load the packages, listen, call ``announce(info)`` (where it listens, what it serves), serve until Ctrl-C / SIGTERM."""
     try:
         import uvicorn
@@ -120,7 +121,7 @@ def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
 
     sock = bind(host, port)  # first: a port in use fails before minutes of loading
     try:
-        models = load_models(specs, threads)
+        models = load_models(specs, threads, trusted_keys)
     except BaseException:
         sock.close()
         raise

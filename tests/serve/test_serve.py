@@ -259,12 +259,12 @@ def test_command_line_mistakes_are_one_line(server, kws_pkg, tmp_path):
 
 
 def test_device_side_server_runs_without_the_compiler_side(kws_pkg):
-    """``python -m edgellm.runtime serve`` where torch, onnx, rich and TVM's compiler cannot be imported (click can: uvicorn
+    """``python -m edgellm.serve`` where torch, onnx, rich and TVM's compiler cannot be imported (click can: uvicorn
     imports it, for its own command line)."""
     script = import_blocker("torch", "onnx", "onnxruntime", "rich", "transformers", "tvm.relax", "tvm.s_tir", "tvm.script.parser",
                             "edgellm.api", "edgellm.backends", "edgellm.llm", "edgellm.cli") + (
-        "import runpy\nsys.argv = ['edgellm.runtime'] + sys.argv[1:]\nrunpy.run_module('edgellm.runtime', run_name='__main__')\n")
-    proc = subprocess.Popen([sys.executable, "-c", script, "serve", str(kws_pkg), "--port", "0", "--json", "--threads", "1"], cwd=ROOT,
+        "import runpy\nsys.argv = ['edgellm.serve'] + sys.argv[1:]\nrunpy.run_module('edgellm.serve', run_name='__main__')\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(kws_pkg), "--port", "0", "--json", "--threads", "1"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     server = Server.__new__(Server)
     server.proc = proc

@@ -106,9 +106,57 @@ def test_serve_imports_without_the_compiler_side():
 
     script = import_blocker("torch", "onnx", "onnxruntime", "click", "rich", "transformers", "tvm.relax", "tvm.s_tir", "tvm.script.parser",
                             "edgellm.api", "edgellm.backends", "edgellm.llm", "edgellm.cli") + (
-        "import edgellm.serve, edgellm.serve.kserve, edgellm.serve.openai_api, edgellm.runtime.__main__\n"
+        "import edgellm.serve, edgellm.serve.kserve, edgellm.serve.openai_api, edgellm.serve.__main__\n"
         "print(sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'onnx', 'click', 'rich', 'transformers'}))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_runtime_imports_only_the_runtime():
+    """edgellm/runtime/ is what `bundle-runtime` copies to a device: it may import edgellm (the stdlib-only top
+    module), edgellm.errors and itself, nothing of the compiler side (edgellm.package, edgellm.signing, ...)."""
+    allowed = {"edgellm", "edgellm.errors"}
+    leaks = {m: sorted(d for d in deps if not d.startswith("edgellm.runtime") and d not in allowed)
+             for m, deps in import_graph().items() if m.startswith("edgellm.runtime")}
+    leaks = {m: d for m, d in leaks.items() if d}
+    assert not leaks, f"runtime modules importing the compiler side: {leaks}"
+
+
+def test_reading_a_package_needs_no_cryptography_until_keys_are_given(tmp_path):
+    """The runtime reads (signed or unsigned) packages where cryptography cannot be imported; only verifying asks for it,
+    with one line saying how to get it."""
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    from edgellm.package import write_package
+    from edgellm.signing import keygen, sign_package
+    from tests.conftest import ROOT, import_blocker
+
+    path = tmp_path / "m.edgepkg"
+    write_package(path, {"target": {"name": "t", "arch": platform.machine()}, "backend": {"name": "tvm"}, "inputs": [], "outputs": []},
+                  {"model.so": b"\x7fELF"})
+    key = keygen(tmp_path / "k")
+    sign_package(path, key["private"])
+    script = import_blocker("cryptography", "torch", "onnx", "click", "rich", "tvm", "edgellm.package", "edgellm.signing") + r"""
+import json
+from edgellm.runtime.package import read_package, read_signature
+from edgellm.errors import EdgeError
+manifest, members = read_package(sys.argv[1])
+try:
+    read_package(sys.argv[1], [sys.argv[2]])
+    error = None
+except EdgeError as e:
+    error = str(e)
+print(json.dumps({"members": sorted(members), "signer": read_signature(sys.argv[1])["key_fingerprint"], "error": error,
+                  "crypto": "cryptography" in sys.modules}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(path), key["public"]], capture_output=True, text=True, cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result == {"members": ["model.so"], "signer": key["fingerprint"], "crypto": False,
+                      "error": "signed packages need the cryptography library (pip install 'cryptography>=42')"}

@@ -4,21 +4,23 @@ import json
 import platform
 import zipfile
 
+import numpy as np
 import pytest
 
 from edgellm.errors import EdgeError
-from edgellm.package import write_package
+from edgellm.package import npz_bytes, write_package
 from edgellm.runtime.package import FORMAT_VERSION, PackageError, check_device, read_manifest, read_package
 
 
 def manifest(arch=None, has=()):
-    return {"target": {"name": "t", "arch": arch or platform.machine(), "has": list(has)}, "backend": {"name": "tvm"}}
+    return {"target": {"name": "t", "arch": arch or platform.machine(), "has": list(has)}, "backend": {"name": "tvm"},
+            "inputs": [{"name": "x", "shape": [1, 4], "dtype": "float32"}], "outputs": [{"name": "y", "shape": [1, 2], "dtype": "float32"}]}
 
 
 @pytest.fixture
 def pkg(tmp_path):
     path = tmp_path / "m.edgepkg"
-    write_package(path, manifest(), {"model.so": b"\x7fELF" + b"x" * 1000, "reference.npz": b"data"})
+    write_package(path, manifest(), {"model.so": b"\x7fELF" + b"x" * 1000, "reference.npz": npz_bytes({"input.x": np.ones((1, 4), np.float16)})})
     return path
 
 
