@@ -77,6 +77,20 @@ def test_devices_lists_keys(tracker, x86_agent):
     assert keys["x86"]["total"] == 1 and keys["x86"]["free"] == 1 and keys["x86"]["busy"] == 0
 
 
+def test_profile_all_reports_every_device_of_a_key(tracker, kws_pkg):
+    pair = [_pure_agent(tracker, "pair") for _ in range(2)]
+    try:
+        _wait_free(tracker, "pair", count=2)
+        out = run_cli("profile", str(kws_pkg), "--remote", f"127.0.0.1:{tracker}/pair", "--all", "--runs", "10", "--json")
+        assert out.returncode == 0, out.stderr
+        reports = json.loads(out.stdout)
+        assert sorted(r["device"]["pid"] for r in reports) == sorted(a.proc.pid for a in pair)
+        assert all(r["schema"] == "edgellm.profile/1" and r["latency_ms"]["p50"] > 0 for r in reports)
+    finally:
+        for a in pair:
+            a.stop()
+
+
 def test_fleet_mistakes_are_one_line(tracker, x86_agent, kws_pkg):
     unknown = run_cli("profile", str(kws_pkg), "--remote", f"127.0.0.1:{tracker}/jetson")
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
