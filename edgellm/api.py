@@ -186,7 +186,7 @@ def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", 
             try:
                 plan.check_backend(name)
                 trials.append(_try_backend(name, traced, tgt, {"pipeline": recipe.pipeline, "tune": recipe.tune, "tuning_db": recipe.tuning_db,
-                                                          "tune_budget": recipe.tune_budget, "tune_progress": getattr(progress, "note", None),
+                                                          "tune_budget": recipe.tune_budget, "tune_remote": recipe.tune_remote, "tune_progress": getattr(progress, "note", None),
                                                           "precision": recipe.precision, **plan.options()}, workdir,
                                            _contract(plan.tolerance(recipe.tolerance), recipe.precision), auto, stage))
             except EdgeError as e:

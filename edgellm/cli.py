@@ -122,6 +122,7 @@ def targets(as_json):
 @click.option("--tune", type=click.IntRange(min=1), metavar="N", help="TVM: auto-tune with MetaSchedule for N trials in all (kept only where faster than edgellm's schedules)")
 @click.option("--tuning-db", type=click.Path(file_okay=False), metavar="DIR", help="TVM: tuning database, shared across builds and models [default with --tune: ~/.cache/edgellm/tuning/<target>/]; given alone, applies it without tuning")
 @click.option("--tune-budget", type=float, metavar="SECONDS", help="TVM: start no new tuning task after this long")
+@click.option("--remote", "tune_remote", metavar="HOST:PORT/KEY", help="TVM: with --tune, measure candidates on the fleet's devices of KEY (every free one, in parallel) through the RPC tracker")
 @click.option("--fp16", is_flag=True, help="GPU targets: compute in fp16 (fp32 accumulation); verified to cosine >= 0.999")
 @click.option("--weights", type=click.Choice(["fp32", "int8", "int4"]), help="language models: weight compression [default: fp32]")
 @click.option("--max-seq-len", type=click.IntRange(min=16), help="language models: longest prompt + reply the KV cache holds [default: 1024]")
@@ -129,7 +130,7 @@ def targets(as_json):
 @click.pass_context
 @friendly
 def build(ctx, source, recipe_file, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance,
-          finetune, quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, fp16, weights, max_seq_len, as_json):
+          finetune, quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, tune_remote, fp16, weights, max_seq_len, as_json):
     """Build SOURCE (model.onnx, program.pt2, file.py:fn, zoo:NAME; a language model: model.gguf or a transformers folder) into an .edgepkg."""
     from click.core import ParameterSource
 
@@ -138,8 +139,8 @@ def build(ctx, source, recipe_file, target, output, backend, input_shapes, pipel
 
     options = dict(target=target, backend=backend, input_shapes=list(input_shapes), pipeline=pipeline, tolerance=tolerance, prune=prune,
                    prune_mode=prune_mode, prune_importance=prune_importance, finetune=finetune, quantize=quantize, calib=calib,
-                   eval=eval_set, max_drop=max_drop, tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16,
-                   weights=weights, max_seq_len=max_seq_len)
+                   eval=eval_set, max_drop=max_drop, tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, tune_remote=tune_remote,
+                   fp16=fp16, weights=weights, max_seq_len=max_seq_len)
     if recipe_file:  # the recipe, with the options given on the command line in place of its own
         param = {"eval": "eval_set"}
         given = {k: v for k, v in options.items() if ctx.get_parameter_source(param.get(k, k)) == ParameterSource.COMMANDLINE}

@@ -45,6 +45,7 @@ class Recipe:
     tune: int | None = None  # TVM: MetaSchedule trials in all
     tuning_db: str | None = None  # TVM: tuning database folder
     tune_budget: float | None = None  # TVM: seconds after which no new tuning task starts
+    tune_remote: str | None = None  # TVM: measure tuning candidates on the fleet's devices, TRACKER_HOST:PORT/KEY
     weights: str | None = None  # language models: fp32 | int8 | int4 (edgellm/llm/weights.py) [default fp32]
     max_seq_len: int | None = None  # language models: tokens the KV cache holds [default 1024]
 
@@ -90,6 +91,12 @@ class Recipe:
                 raise EdgeError(f"target {tgt.name} does not allow backend {self.backend!r}", f"allowed: {', '.join(tgt.backends)}")
         if (self.tune or self.tuning_db) and "tvm" not in self.candidates():
             raise EdgeError("--tune / --tuning-db apply to the TVM backend", "use --backend tvm")
+        if self.tune_remote:
+            from edgellm.fleet.remote import Remote
+
+            if not self.tune:
+                raise EdgeError("--remote measures tuning candidates on devices: it needs --tune N")
+            Remote.parse(self.tune_remote)
 
     def _validate_language_model(self, tgt) -> None:
         given = [flag for flag, value in (("--prune", self.prune), ("--quantize", self.quantize), ("--calib", self.calib),

@@ -64,7 +64,7 @@ class Backend:
             db_dir = Path(options.get("tuning_db") or tvm_tune.default_db_dir(tvm_target)).expanduser()
             if options.get("tune"):
                 tuning = tvm_tune.tune(mod, tvm_target, int(options["tune"]), db_dir, budget_s=options.get("tune_budget"),
-                                       progress=options.get("tune_progress"))
+                                       progress=options.get("tune_progress"), remote=options.get("tune_remote"))
             pipeline = tvm_tune.pipeline(tvm_target, db_dir)
         else:
             pipeline = tvm_pipelines.get(pipeline_name, tvm_target)

@@ -33,10 +33,13 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from edgellm.errors import EdgeError
 
 RULES_FILE = "edgellm_rules.json"
 MIN_FLOP_SHARE = 0.01  # functions below this share of the model's FLOPs get no trials
@@ -232,17 +235,48 @@ def _build(mod, target, _params):
     return tvm_build(mod, target=target)
 
 
-def make_builder():
+def _export_shared(mod, cxx: str | None = None) -> str:
+    """LocalBuilder export for a remote device: a linked .so (the default, a .tar of objects, needs a compiler on the
+    device to link), cross-linked with ``cxx`` for another architecture."""
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="edgellm-tune-"), "tvm_tmp_mod.so")
+    mod.export_library(path, **({"cc": cxx} if cxx else {}))
+    return path
+
+
+def make_builder(target=None, remote: str | None = None):
+    import functools
+
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.builder.LocalBuilder(f_build=_build, timeout_sec=120)
+    if not remote:
+        return ms.builder.LocalBuilder(f_build=_build, timeout_sec=120)
+    from edgellm.backends.tvm_base import CROSS_CXX
+
+    arch = str(target.attrs.get("mtriple", "")).split("-")[0] if target is not None else ""
+    cxx = CROSS_CXX.get(arch) if arch and arch != platform.machine() else None
+    return ms.builder.LocalBuilder(f_build=_build, f_export=functools.partial(_export_shared, cxx=cxx), timeout_sec=120)
 
 
-def make_runner():
+def make_runner(remote: str | None = None):
+    """Candidates timed here (LocalRunner), or on the fleet's devices of a key through the tracker (RPCRunner: one
+    worker per device of the key, so every free device measures in parallel)."""
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=50),
-                                 timeout_sec=60)
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=50)
+    if not remote:
+        return ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=60)
+    from edgellm.fleet.remote import Remote, devices
+
+    where = Remote.parse(remote)
+    pool = devices(where.host, where.port)["keys"].get(where.key)
+    if not pool or not pool["total"]:
+        raise EdgeError(f"no device is registered under key {where.key!r} at {where.host}:{where.port}",
+                        "start one with `edgellm agent --tracker HOST:PORT --key NAME`")
+    config = ms.runner.RPCConfig(tracker_host=where.host, tracker_port=where.port, tracker_key=where.key,
+                                 session_priority=1, session_timeout_sec=300)
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=pool["total"])
 
 
 def _rule_schedule(func, target):
@@ -363,7 +397,8 @@ def split_trials(weights: list[float], trials: int, minimum: int = 4) -> list[in
 
 
 def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = None,
-         progress: Callable[[str], None] | None = None, *, prepared: bool = False, seed: int | None = None) -> dict:
+         progress: Callable[[str], None] | None = None, *, prepared: bool = False, seed: int | None = None,
+         remote: str | None = None) -> dict:
     """Tune the fused PrimFuncs of ``mod`` (a Relax module as imported, or with ``prepared=True`` one
     already through ``prepare``) into the JSON database in ``db_dir``.
 
@@ -405,7 +440,8 @@ def tune(mod, target, trials: int, db_dir: str | Path, budget_s: float | None = 
     if report["reused"]:
         say(f"{report['reused']}/{len(tasks)} tasks already tuned in {db_dir}")
 
-    builder, runner = (make_builder(), make_runner()) if todo and trials > 0 else (None, None)
+    # remote: candidates are timed on the fleet's devices of a key (HOST:PORT/KEY), the database stays here
+    builder, runner = (make_builder(tune_target, remote), make_runner(remote)) if todo and trials > 0 else (None, None)
     # trials in proportion to FLOPs; a function under MIN_FLOP_SHARE of the model's FLOPs (reused ones
     # included) is not worth a trial: it stays with the rules, and a rebuild does not spend on it
     flops = {t.task_name: _flops(t.dispatched[0]) for t in tasks}

@@ -63,11 +63,30 @@ def check(name: str, options: dict) -> dict:
     return load(_workpath(name), threads=options.get("threads")).check_reference(options.get("tolerance"))
 
 
+def _random_fill(tensor) -> None:
+    """MetaSchedule's RPC runner fills each candidate's arguments with this on the device; TVM's runtime library
+    alone lacks it (it lives in tvm.contrib, the compiler side)."""
+    import numpy as np
+
+    rng = np.random.default_rng()
+    shape, dtype = tuple(tensor.shape), str(tensor.dtype)
+    if dtype.startswith(("int", "uint")):
+        data = rng.integers(0, 8, size=shape).astype(dtype)
+    elif dtype == "bool":
+        data = rng.integers(0, 2, size=shape).astype(bool)
+    else:
+        data = rng.uniform(-1.0, 1.0, size=shape).astype(dtype if dtype in ("float32", "float64", "float16") else "float32")
+    tensor.copyfrom(data)
+
+
 def register() -> None:
     """The remote functions; TVM's forked session processes inherit them."""
     from edgellm.runtime.engines.tvm import import_tvm
 
     tvm = import_tvm()
+    for name in ("tvm.contrib.random.random_fill_for_measure", "tvm.contrib.random.random_fill"):
+        if tvm.get_global_func(name, allow_missing=True) is None:
+            tvm.register_global_func(name, _random_fill)
     tvm.register_global_func(INFO, lambda: json.dumps(info()), override=True)
     tvm.register_global_func(PROFILE, lambda name, options: _answer(lambda: profile(name, json.loads(options))), override=True)
     tvm.register_global_func(CHECK, lambda name, options: _answer(lambda: check(name, json.loads(options))), override=True)

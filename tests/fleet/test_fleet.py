@@ -77,6 +77,20 @@ def test_devices_lists_keys(tracker, x86_agent):
     assert keys["x86"]["total"] == 1 and keys["x86"]["free"] == 1 and keys["x86"]["busy"] == 0
 
 
+def test_profile_all_reports_every_device_of_a_key(tracker, kws_pkg):
+    pair = [_pure_agent(tracker, "pair") for _ in range(2)]
+    try:
+        _wait_free(tracker, "pair", count=2)
+        out = run_cli("profile", str(kws_pkg), "--remote", f"127.0.0.1:{tracker}/pair", "--all", "--runs", "10", "--json")
+        assert out.returncode == 0, out.stderr
+        reports = json.loads(out.stdout)
+        assert sorted(r["device"]["pid"] for r in reports) == sorted(a.proc.pid for a in pair)
+        assert all(r["schema"] == "edgellm.profile/1" and r["latency_ms"]["p50"] > 0 for r in reports)
+    finally:
+        for a in pair:
+            a.stop()
+
+
 def test_fleet_mistakes_are_one_line(tracker, x86_agent, kws_pkg):
     unknown = run_cli("profile", str(kws_pkg), "--remote", f"127.0.0.1:{tracker}/jetson")
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
@@ -141,3 +155,27 @@ def test_emulated_rpi4_agent_beside_x86(tracker, x86_agent, packages, kws_pkg):
         assert "package is for x86_64" in wrong["error"] and "aarch64" in wrong["error"]
     finally:
         rpi4.stop()
+
+
+@pytest.mark.slow
+def test_build_tune_remote_measures_on_the_agent(tracker, x86_agent, tmp_path):
+    """MetaSchedule's RPC runner times the candidates on the agent (its session runs them: the agent's process has
+    children while tuning), the database stays here, and the tuned package verifies like any other."""
+    from edgellm import api
+
+    db = tmp_path / "db"
+    result = api.build("zoo:kws-cnn", "x86_64", tmp_path / "tuned.edgepkg", tune=2, tuning_db=str(db),
+                       tune_remote=f"127.0.0.1:{tracker}/x86")
+    tuning = result.manifest["backend"]["tuning"]
+    assert tuning["trials"] == 2 and tuning["tuned"] >= 1
+    assert result.manifest["verification"]["status"] == "passed"
+    assert result.manifest["recipe"]["tune_remote"] == f"127.0.0.1:{tracker}/x86"
+    assert any(db.rglob("*.json"))  # the records are here, not on the device
+
+
+def test_tune_remote_mistakes(tracker, x86_agent, tmp_path):
+    no_tune = run_cli("build", "zoo:kws-cnn", "--remote", f"127.0.0.1:{tracker}/x86", "-o", str(tmp_path / "x.edgepkg"))
+    assert no_tune.returncode == 2 and "needs --tune N" in no_tune.stderr
+    unknown = run_cli("build", "zoo:kws-cnn", "--tune", "2", "--remote", f"127.0.0.1:{tracker}/nope", "-o", str(tmp_path / "x.edgepkg"))
+    assert unknown.returncode == 2 and "no device is registered under key 'nope'" in unknown.stderr
+    assert not (tmp_path / "x.edgepkg").exists()
