@@ -75,12 +75,12 @@ def _try_backend(name, traced, tgt, options, workdir, contract, measure, stage) 
     trial: dict = {"backend": name}
     impl = backends.get(name)
     detail: list[str] = []
-    with stage(f"compile {name}" if measure else "compile", detail):
+    with stage(f"compile {name}" if measure else "compile", detail, name):
         impl.check(tgt)
         trial["compiled"] = compiled = impl.compile(traced, tgt, options, workdir)
         detail.append(f"{name} for {tgt.name}" + (f", pipeline {compiled.info['pipeline']}" if "pipeline" in compiled.info else ""))
     detail = []
-    with stage(f"verify {name}" if measure else "verify", detail):
+    with stage(f"verify {name}" if measure else "verify", detail, name):
         engine, why_not = _local_engine(compiled, tgt)
         trial["engine"] = engine  # kept for the evaluate stage: no second load of the same code
         trial["verification"] = ({"status": "skipped", "reason": why_not, **contract} if engine is None
@@ -90,7 +90,7 @@ def _try_backend(name, traced, tgt, options, workdir, contract, measure, stage) 
                       f"{v['status']}: max error {v['rel_max_abs']:.2g} of output scale (tolerance {contract['tolerance']:g})")
     if measure and engine is not None and trial["verification"]["status"] == "passed":
         detail = []
-        with stage(f"measure {name}", detail):
+        with stage(f"measure {name}", detail, name):
             trial["p50_ms"] = _p50_ms(engine, traced)
             detail.append(f"p50 {trial['p50_ms']:.3f} ms with {device.cpu_count()} threads")
     return trial
@@ -121,7 +121,7 @@ def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", 
           prune_importance: str | None = None, finetune=None, quantize: str | None = None, calib: str | None = None,
           eval: str | None = None, max_drop: float | None = None, tune: int | None = None, tuning_db: str | Path | None = None,
           tune_budget: float | None = None, fp16: bool | None = None, precision: str | None = None, weights: str | None = None,
-          max_seq_len: int | None = None, **fields) -> BuildResult:
+          max_seq_len: int | None = None, verbose: bool = False, **fields) -> BuildResult:
     """source (-> prune) -> trace (-> samples) -> compile -> verify (-> measure, for backend="auto") (-> evaluate)
     -> package. Writes ``output`` atomically, and nothing when any stage fails.
 
@@ -129,7 +129,26 @@ def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", 
     the keyword arguments are the recipe's fields (backend, input_shapes, pipeline, tolerance, prune,
     prune_mode, prune_importance, finetune, quantize, calib, eval, max_drop, tune, tuning_db, tune_budget,
     precision; fp16=True for precision="fp16"; ``fields``: any other Recipe field), those given (not None) applied
-    to the recipe given or to a new one. ``finetune`` may also be a function fn(module) -> module."""
+    to the recipe given or to a new one. ``finetune`` may also be a function fn(module) -> module.
+
+    What TVM, ONNX Runtime, OpenVINO and NNCF print goes to a log file (edgellm/build_log.py), and their exceptions
+    become one EdgeError naming the stage and that file; ``verbose=True`` lets both through instead."""
+    from edgellm.build_log import BuildLog
+
+    log = BuildLog(verbose)
+    try:
+        with log.captured():
+            return _build(source, target, output, progress, log, backend=backend, input_shapes=input_shapes, pipeline=pipeline,
+                          tolerance=tolerance, prune=prune, prune_mode=prune_mode, prune_importance=prune_importance, finetune=finetune,
+                          quantize=quantize, calib=calib, eval=eval, max_drop=max_drop, tune=tune, tuning_db=tuning_db,
+                          tune_budget=tune_budget, fp16=fp16, precision=precision, weights=weights, max_seq_len=max_seq_len, **fields)
+    finally:
+        log.finish()
+
+
+def _build(source, target, output, progress, log, *, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance,
+           finetune, quantize, calib, eval, max_drop, tune, tuning_db, tune_budget, fp16, precision, weights, max_seq_len,
+           **fields) -> BuildResult:
     from edgellm import source as sources
     from edgellm.compress.plan import Plan
     from edgellm.trace import trace
@@ -158,8 +177,8 @@ def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", 
     out = check_output(output or f"{Path(ref.split(':')[-1] if ref.startswith('zoo:') else ref.split(':')[0]).stem}.edgepkg")
     seconds: dict[str, float] = {}
 
-    def stage(name, detail):
-        return _stage(name, progress, seconds, detail)
+    def stage(name, detail, backend=None):
+        return _stage(name, progress, seconds, detail, log, backend)
 
     detail: list[str] = []
     with stage("source", detail):
@@ -193,6 +212,8 @@ def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", 
                 if not auto:
                     raise
                 trials.append({"backend": name, "error": e.problem})
+                if hasattr(progress, "failed"):
+                    progress.failed(name, e.problem)
         chosen, comparison = _choose(trials, auto)
         compiled, verification = chosen["compiled"], chosen["verification"]
         if plan.active:

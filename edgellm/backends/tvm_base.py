@@ -65,7 +65,7 @@ def to_relax(traced: Traced):
         if found:
             ops = [o.strip(" '\"") for o in found.group(1).split(",")]
             raise EdgeError(f"TVM cannot import op {_unsupported(traced, ops)}",
-                            "rewrite that part of the model with supported ops") from None
+                            "try --backend openvino or --backend auto, or rewrite that part of the model with supported ops") from None
         raise EdgeError(f"TVM could not import the model ({type(e).__name__}: {message.strip().splitlines()[-1][:300]})") from None
 
 
