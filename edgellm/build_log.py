@@ -5,6 +5,7 @@ through to the terminal instead."""
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
@@ -80,7 +81,12 @@ class BuildLog:
         try:
             for fd in fds:
                 os.dup2(log.fileno(), fd)
-            yield
+            try:
+                yield
+            except BaseException as e:  # drop the compiler's frames now, while fd 2 is the log: TVM's
+                e.__context__ = None  # "BlockBuilder destroyed with remaining blocks" is printed when they go
+                gc.collect()
+                raise
         finally:
             try:
                 sys.stdout.flush()

@@ -146,7 +146,11 @@ def trace_onnx(source: Source, shapes: dict) -> Traced:
         elif all(isinstance(d, int) and d > 0 for d in dims):
             shape = tuple(dims)
         else:
-            raise EdgeError(f"input {value.name!r} has a dynamic shape {dims}", f"give it with --input-shape {value.name}=" + "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in dims))
+            free = [str(d) if isinstance(d, str) and d != "?" else "N" for d in dims if not (isinstance(d, int) and d > 0)]
+            raise EdgeError(f"input {value.name!r} has a dynamic shape {dims}",
+                            f"fix it with --input-shape {value.name}=" + "x".join(str(d) if isinstance(d, int) and d > 0 else
+                                                                              (str(d) if d != "?" else "N") for d in dims)
+                            + f", a number for {', '.join(dict.fromkeys(free))}")
         specs.append(TensorSpec(value.name, tuple(shape), dtype))
     _check_names(shapes, [s.name for s in specs])
     inputs = {s.name: sample(s.shape, s.dtype, seed=i) for i, s in enumerate(specs)}
@@ -156,8 +160,33 @@ def trace_onnx(source: Source, shapes: dict) -> Traced:
     except Exception as e:
         raise EdgeError(f"ONNX Runtime cannot run {source.ref} for the fp32 reference ({str(e).splitlines()[0][:300]})") from None
     outputs = dict(zip([o.name for o in graph.output], reference))
-    return Traced("onnx", source.model, specs,
+    return Traced("onnx", fold_onnx(source.model, specs), specs,
                   [TensorSpec(n, tuple(a.shape), str(a.dtype)) for n, a in outputs.items()], inputs, outputs)
+
+
+def fold_onnx(model, specs: list[TensorSpec]):
+    """The graph with its inputs' dims fixed and all that those dims make constant folded away (shape inference and
+    constant folding by onnxslim), so Shape -> Gather / Slice -> ReduceProd -> Concat -> Reshape chains reach the
+    importers as constant shapes. Where onnxslim fails, the graph as it came (the importers may still take it)."""
+    import onnx
+    import onnxslim
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    shapes = {s.name: s.shape for s in specs}
+    for value in fixed.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shapes[value.name]:
+                dims.add().dim_value = int(d)
+    del fixed.graph.value_info[:]  # dims inferred from the dynamic inputs: inferred again from the fixed ones
+    for value in fixed.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    try:
+        return onnxslim.slim(fixed)
+    except Exception:  # noqa: BLE001 (onnxslim's own failure: the importers get the model as it came)
+        return model
 
 
 def trace(source: Source, input_shapes: dict | None = None) -> Traced:

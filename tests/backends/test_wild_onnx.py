@@ -53,3 +53,15 @@ def test_progress_lines_are_not_wrapped_when_not_a_terminal(tmp_path):
     proc = run_cli("build", str(tiny.tvm_lacks(tmp_path / "celu.onnx")), "--backend", "openvino", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     assert any(str(out) in line for line in proc.stderr.splitlines()), proc.stderr
+
+
+def test_shape_arithmetic_folds_once_the_input_shape_is_fixed(tmp_path):
+    model = tiny.shape_arithmetic(tmp_path / "flatten.onnx")
+    proc = run_cli("build", str(model), "--backend", "tvm", "-o", str(tmp_path / "x.edgepkg"))
+    assert_one_line_error(proc, "--input-shape x=Nx3xHxW")  # the dynamic dims named, with the option that fixes them
+
+    out = tmp_path / "flatten.edgepkg"
+    proc = run_cli("build", str(model), "--backend", "tvm", "--input-shape", "x=2x3x8x8", "-o", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(proc.stdout)
+    assert manifest["outputs"][0]["shape"] == [2, 256] and manifest["verification"]["status"] == "passed"
