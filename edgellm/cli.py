@@ -137,6 +137,10 @@ def targets(as_json):
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="the .edgepkg to write [default: NAME.edgepkg]")
 @click.option("--backend", default="default", show_default=True, help="tvm, openvino, default (the target's first) or auto (build with each the target allows, keep the fastest correct)")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224", help="override an input's shape")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE",
+              help="ONNX: freeze an input to a constant (e.g. a sample rate: sr=16000), so branches on it fold away; it leaves the package's inputs")
+@click.option("--sample", "sample_file", type=click.Path(dir_okay=False), metavar="FILE.npz",
+              help="real inputs (NAME=array) to trace, verify and store as the reference sample [default: random draws]")
 @click.option("--pipeline", default="default", show_default=True, help="TVM CPU pipeline: default, edgellm, stock")
 @click.option("--tolerance", type=float, help="max error vs the fp32 reference, relative to output scale [default: 1e-4; language models: 1e-3 of the largest logit]")
 @click.option("--prune", type=float, help="structured: remove this share of channels / FFN units / heads (0.3); unstructured: of weights")
@@ -157,7 +161,7 @@ def targets(as_json):
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON when done")
 @click.pass_context
 @friendly
-def build(ctx, source, recipe_file, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance,
+def build(ctx, source, recipe_file, target, output, backend, input_shapes, input_values, sample_file, pipeline, tolerance, prune, prune_mode, prune_importance,
           finetune, quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, fp16, weights, max_seq_len, verbose, as_json):
     """Build SOURCE (model.onnx, program.pt2, file.py:fn, zoo:NAME; a language model: model.gguf or a transformers folder) into an .edgepkg."""
     from click.core import ParameterSource
@@ -165,12 +169,13 @@ def build(ctx, source, recipe_file, target, output, backend, input_shapes, pipel
     from edgellm import api
     from edgellm.recipe import Recipe
 
-    options = dict(target=target, backend=backend, input_shapes=list(input_shapes), pipeline=pipeline, tolerance=tolerance, prune=prune,
+    options = dict(target=target, backend=backend, input_shapes=list(input_shapes), input_values=list(input_values), sample=sample_file,
+                   pipeline=pipeline, tolerance=tolerance, prune=prune,
                    prune_mode=prune_mode, prune_importance=prune_importance, finetune=finetune, quantize=quantize, calib=calib,
                    eval=eval_set, max_drop=max_drop, tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16,
                    weights=weights, max_seq_len=max_seq_len)
     if recipe_file:  # the recipe, with the options given on the command line in place of its own
-        param = {"eval": "eval_set"}
+        param = {"eval": "eval_set", "sample": "sample_file"}
         given = {k: v for k, v in options.items() if ctx.get_parameter_source(param.get(k, k)) == ParameterSource.COMMANDLINE}
         if "fp16" in given:
             given["precision"] = "fp16" if given.pop("fp16") else "fp32"

@@ -65,3 +65,68 @@ def test_shape_arithmetic_folds_once_the_input_shape_is_fixed(tmp_path):
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads(proc.stdout)
     assert manifest["outputs"][0]["shape"] == [2, 256] and manifest["verification"]["status"] == "passed"
+
+
+def test_an_if_on_a_frozen_input_folds_and_a_stream_of_calls_matches_onnx_runtime(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgellm import api, runtime
+
+    model = tiny.if_on_input(tmp_path / "vad.onnx")
+    rng = np.random.default_rng(5)
+    sample = tmp_path / "sample.npz"
+    np.savez(sample, x=rng.standard_normal((1, 16)).astype(np.float32), state=np.zeros((1, 8), np.float32))
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    for backend in ("tvm", "openvino"):
+        result = api.build(str(model), "host", tmp_path / f"vad-{backend}.edgepkg", backend=backend, input_values=["sr=8000"], sample=sample)
+        assert [i["name"] for i in result.manifest["inputs"]] == ["x", "state"]  # sr frozen: no longer an input
+        assert result.manifest["recipe"]["input_values"] == {"sr": 8000}
+        pkg = runtime.load(result.path)
+        assert np.array_equal(pkg.example_inputs()["x"], np.load(sample)["x"])  # the sample given is the one stored
+        state = ref_state = np.zeros((1, 8), np.float32)
+        for _ in range(5):  # the recurrent state carried from one call to the next, by both
+            x = rng.standard_normal((1, 16)).astype(np.float32)
+            out = pkg.run(x=x, state=state)
+            ref_y, ref_state = session.run(None, {"x": x, "state": ref_state, "sr": np.array(8000, np.int64)})
+            state = out["state_out"]
+            np.testing.assert_allclose(out["y"], ref_y, atol=1e-5)
+            np.testing.assert_allclose(state, ref_state, atol=1e-5)
+
+
+def test_unknown_frozen_input_and_bad_sample_fail_in_one_line(tmp_path):
+    import numpy as np
+
+    model = tiny.if_on_input(tmp_path / "vad.onnx")
+    proc = run_cli("build", str(model), "--input-value", "rate=8000", "-o", str(tmp_path / "a.edgepkg"))
+    assert_one_line_error(proc, "unknown input 'rate'")
+    np.savez(tmp_path / "s.npz", x=np.zeros((1, 15), np.float32))
+    proc = run_cli("build", str(model), "--input-value", "sr=8000", "--sample", str(tmp_path / "s.npz"), "-o", str(tmp_path / "a.edgepkg"))
+    assert_one_line_error(proc, "has shape [1, 15], the input [1, 16]")
+
+
+def test_verification_is_not_vacuous_for_near_zero_outputs(tmp_path):
+    import numpy as np
+
+    from edgellm.errors import EdgeError
+    from edgellm.runtime.accuracy import compare
+
+    ref = np.full((1, 64), 1e-6, np.float32)
+    ref[0, ::2] = -1e-6
+    wrong = -ref  # every sign flipped: max error 2e-6, far inside 1e-4 of max(1, scale)
+    stats = compare(ref, wrong)
+    assert stats["rel_max_abs"] < 1e-4 and stats["scale"] < 1 and stats["cosine"] < 0  # what the cosine floor catches
+
+    from edgellm import api
+
+    result = api.build(str(tiny.tiny_outputs(tmp_path / "tiny.onnx")), "host", tmp_path / "t.edgepkg", backend="openvino")
+    assert result.manifest["verification"]["small_scale_min_cosine"] == api.SMALL_SCALE_MIN_COSINE
+    assert result.manifest["verification"]["cosine_min"] >= api.SMALL_SCALE_MIN_COSINE
+    zeros = tmp_path / "zeros.npz"
+    np.savez(zeros, x=np.zeros((1, 64), np.float32))
+    try:
+        api.build(str(tmp_path / "tiny.onnx"), "host", tmp_path / "z.edgepkg", backend="openvino", sample=zeros)
+        raise AssertionError("an all-zero reference was accepted")
+    except EdgeError as e:
+        assert "all zero" in e.problem and "--sample" in e.fix
+    assert not (tmp_path / "z.edgepkg").exists()

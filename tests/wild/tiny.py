@@ -40,3 +40,32 @@ def shape_arithmetic(path):
              h.make_node("Softmax", ["r"], ["y"], axis=-1)]
     return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
                  [h.make_tensor_value_info("y", T.FLOAT, ["N", "CHW"])], [w, *consts], path)
+
+
+def if_on_input(path):
+    """What silero-vad's export carries: an If on an int64 scalar input (the sample rate) choosing the branch, and a
+    recurrent state in and out (h = tanh(x W + state U), y = h V), so a stream of calls carries the state on."""
+    rng = np.random.default_rng(1)
+    W, U, V = ((rng.standard_normal(s) * 0.4).astype(np.float32) for s in ((16, 8), (8, 8), (8, 2)))
+
+    def branch(name, scale):
+        nodes = [h.make_node("MatMul", ["x", "W"], [f"{name}_a"]), h.make_node("MatMul", ["state", "U"], [f"{name}_b"]),
+                 h.make_node("Add", [f"{name}_a", f"{name}_b"], [f"{name}_c"]),
+                 h.make_node("Mul", [f"{name}_c", f"{name}_k"], [f"{name}_d"]),
+                 h.make_node("Tanh", [f"{name}_d"], [f"{name}_h"]), h.make_node("MatMul", [f"{name}_h", "V"], [f"{name}_y"])]
+        return h.make_graph(nodes, name, [], [h.make_tensor_value_info(f"{name}_y", T.FLOAT, [1, 2]),
+                                              h.make_tensor_value_info(f"{name}_h", T.FLOAT, [1, 8])],
+                            [nh.from_array(np.array(scale, np.float32), f"{name}_k")])
+
+    nodes = [h.make_node("Equal", ["sr", "sr16k"], ["is16k"]),
+             h.make_node("If", ["is16k"], ["y", "state_out"], then_branch=branch("at16k", 1.0), else_branch=branch("at8k", 0.5))]
+    inits = [nh.from_array(a, n) for n, a in (("W", W), ("U", U), ("V", V))] + [nh.from_array(np.array(16000, np.int64), "sr16k")]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 16]), h.make_tensor_value_info("state", T.FLOAT, [1, 8]),
+                         h.make_tensor_value_info("sr", T.INT64, [])],
+                 [h.make_tensor_value_info("y", T.FLOAT, [1, 2]), h.make_tensor_value_info("state_out", T.FLOAT, [1, 8])], inits, path)
+
+
+def tiny_outputs(path):
+    """A detector's head on noise: outputs ~1e-6 everywhere, where an error relative to max(1, scale) proves nothing."""
+    return _save([h.make_node("Mul", ["x", "k"], ["y"])], [h.make_tensor_value_info("x", T.FLOAT, [1, 64])],
+                 [h.make_tensor_value_info("y", T.FLOAT, [1, 64])], [nh.from_array(np.array(1e-6, np.float32), "k")], path)
