@@ -130,3 +130,18 @@ def test_verification_is_not_vacuous_for_near_zero_outputs(tmp_path):
     except EdgeError as e:
         assert "all zero" in e.problem and "--sample" in e.fix
     assert not (tmp_path / "z.edgepkg").exists()
+
+
+def test_conv_transpose_and_resize_after_nhwc_convs_match_onnx_runtime(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgellm import api, runtime
+
+    model = tiny.upsampler(tmp_path / "up.onnx")
+    result = api.build(str(model), "host", tmp_path / "up.edgepkg", backend="tvm")
+    assert result.manifest["verification"]["status"] == "passed"
+    x = np.random.default_rng(9).standard_normal((1, 3, 8, 8)).astype(np.float32)  # a second input, beside the stored sample
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = runtime.load(result.path).run(x=x)["y"]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -69,3 +69,18 @@ def tiny_outputs(path):
     """A detector's head on noise: outputs ~1e-6 everywhere, where an error relative to max(1, scale) proves nothing."""
     return _save([h.make_node("Mul", ["x", "k"], ["y"])], [h.make_tensor_value_info("x", T.FLOAT, [1, 64])],
                  [h.make_tensor_value_info("y", T.FLOAT, [1, 64])], [nh.from_array(np.array(1e-6, np.float32), "k")], path)
+
+
+def upsampler(path, keep_resize_after_conv: bool = True):
+    """A decoder's tail (segmentation, OCR detection): Conv -> Resize (linear, x2) -> ConvTranspose (stride 2) -> Resize."""
+    rng = np.random.default_rng(2)
+    w1 = nh.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1")
+    w2 = nh.from_array((rng.standard_normal((8, 4, 2, 2)) * 0.3).astype(np.float32), "w2")
+    scales = nh.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    nodes = [h.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["a"], ["b"]),
+             h.make_node("Resize", ["b", "", "scales"], ["b2"], mode="linear"),
+             h.make_node("ConvTranspose", ["b2", "w2"], ["c"], strides=[2, 2]),
+             h.make_node("Resize", ["c", "", "scales"], ["y"], mode="nearest")]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])], [h.make_tensor_value_info("y", T.FLOAT, [1, 4, 64, 64])],
+                 [w1, w2, scales], path)
