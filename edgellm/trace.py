@@ -266,13 +266,11 @@ def trace_onnx(source: Source, shapes: dict, values: dict | None = None, given: 
 def fold_onnx(model, specs: list[TensorSpec]):
     """The graph with its inputs' dims fixed and all that those dims (and frozen inputs) make constant folded away, so
     Shape -> Gather / Slice -> ReduceProd -> Concat -> Reshape chains and an If on a constant reach the importers as
-    constants. ONNX Runtime's offline optimizer at its basic level does it: constant folding with shapes inferred, and
-    only standard ONNX ops in what it writes (onnxslim 0.1.98 broke graphs that inline an If). Where it fails, or writes
-    an op outside the standard domain, the graph as it came (the importers may still take it)."""
-    import tempfile
-
+    constants. onnxscript's optimizer does it (shape inference, constant folding, If inlining; pure Python, standard
+    ops out). Tried and dropped: onnxslim 0.1.98 lost outer-scope names when it inlined an If; ONNX Runtime's offline
+    basic optimizer crashed the process inlining silero-vad's If. Where it fails, the graph as it came."""
     import onnx
-    import onnxruntime as ort
+    import onnxscript.optimizer
 
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
@@ -284,17 +282,11 @@ def fold_onnx(model, specs: list[TensorSpec]):
             for d in shapes[value.name]:
                 dims.add().dim_value = int(d)
     del fixed.graph.value_info[:]  # dims inferred from the dynamic inputs: inferred again from the fixed ones
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.log_severity_level = 3
-    with tempfile.TemporaryDirectory(prefix="edgellm-fold-") as tmp:
-        options.optimized_model_filepath = f"{tmp}/folded.onnx"
-        try:
-            ort.InferenceSession(fixed.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            folded = onnx.load(options.optimized_model_filepath)
-        except Exception:  # noqa: BLE001 (the optimizer's own failure: the importers get the model as it came)
-            return model
-    if any(n.domain not in ("", "ai.onnx") for n in folded.graph.node):
+    try:
+        folded = onnxscript.optimizer.optimize(fixed)
+    except Exception:  # noqa: BLE001 (the optimizer's own failure: the importers get the model as it came)
+        return model
+    if any(n.domain not in ("", "ai.onnx") for n in folded.graph.node) or [o.name for o in folded.graph.output] != [o.name for o in model.graph.output]:
         return model
     return folded
 
