@@ -29,6 +29,7 @@ def ort_p50_ms(path: Path, inputs: dict, runs: int = 20) -> float:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = device.cpu_count()
+    options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return float(sorted(time_runs(lambda: session.run(None, inputs), runs, 3))[runs // 2] * 1e3)
 

@@ -145,3 +145,21 @@ def test_conv_transpose_and_resize_after_nhwc_convs_match_onnx_runtime(tmp_path)
     ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = runtime.load(result.path).run(x=x)["y"]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_an_lstm_builds_on_tvm_as_its_steps_and_matches_onnx_runtime(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgellm import api, runtime
+
+    model = tiny.lstm(tmp_path / "lstm.onnx")
+    result = api.build(str(model), "host", tmp_path / "lstm.edgepkg", backend="tvm")
+    assert result.manifest["verification"]["status"] == "passed"
+    rng = np.random.default_rng(4)
+    feed = {"x": rng.standard_normal((3, 1, 6)).astype(np.float32), "h": rng.standard_normal((1, 1, 8)).astype(np.float32),
+            "c": rng.standard_normal((1, 1, 8)).astype(np.float32)}
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, feed)
+    got = runtime.load(result.path).run(**feed)
+    for want, name in zip(ref, ("y", "h_out", "c_out")):
+        np.testing.assert_allclose(got[name], want, atol=1e-5)

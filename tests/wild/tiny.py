@@ -84,3 +84,16 @@ def upsampler(path, keep_resize_after_conv: bool = True):
              h.make_node("Resize", ["c", "", "scales"], ["y"], mode="nearest")]
     return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])], [h.make_tensor_value_info("y", T.FLOAT, [1, 4, 64, 64])],
                  [w1, w2, scales], path)
+
+
+def lstm(path, seq=3):
+    """A recurrent audio head (silero-vad v6's decoder): LSTM over `seq` frames with h/c state in and out."""
+    rng = np.random.default_rng(3)
+    hidden, feat = 8, 6
+    inits = [nh.from_array((rng.standard_normal(s) * 0.4).astype(np.float32), n)
+             for n, s in (("W", (1, 4 * hidden, feat)), ("R", (1, 4 * hidden, hidden)), ("B", (1, 8 * hidden)))]
+    nodes = [h.make_node("LSTM", ["x", "W", "R", "B", "", "h", "c"], ["y", "h_out", "c_out"], hidden_size=hidden)]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [seq, 1, feat]), h.make_tensor_value_info("h", T.FLOAT, [1, 1, hidden]),
+                         h.make_tensor_value_info("c", T.FLOAT, [1, 1, hidden])],
+                 [h.make_tensor_value_info("y", T.FLOAT, [seq, 1, 1, hidden]), h.make_tensor_value_info("h_out", T.FLOAT, [1, 1, hidden]),
+                  h.make_tensor_value_info("c_out", T.FLOAT, [1, 1, hidden])], inits, path)
