@@ -284,11 +284,52 @@ def fold_onnx(model, specs: list[TensorSpec]):
     del fixed.graph.value_info[:]  # dims inferred from the dynamic inputs: inferred again from the fixed ones
     try:
         folded = onnxscript.optimizer.optimize(fixed)
+        again = _fold_constant_nodes(folded)
+        if again is not folded:
+            folded = onnxscript.optimizer.optimize(again)
     except Exception:  # noqa: BLE001 (the optimizer's own failure: the importers get the model as it came)
         return model
     if any(n.domain not in ("", "ai.onnx") for n in folded.graph.node) or [o.name for o in folded.graph.output] != [o.name for o in model.graph.output]:
         return model
     return folded
+
+
+NOT_FOLDED = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def _fold_constant_nodes(model):
+    """Nodes whose inputs are all constants replaced by their value, computed by ONNX's reference evaluator: what
+    onnxscript's folder leaves after it inlines an If (silero-vad's STFT padding, ConstantOfShape -> Concat -> Pad)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    keep, added = [], []
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        inputs = [i for i in node.input if i]
+        if (node.domain not in ("", "ai.onnx") or node.op_type in NOT_FOLDED or not inputs or not all(i in values for i in inputs)
+                or any(o in outputs for o in node.output) or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)):
+            keep.append(node)
+            continue
+        try:
+            results = ReferenceEvaluator(node).run(None, {i: values[i] for i in inputs})
+        except Exception:  # noqa: BLE001 (not evaluable here: the node stays)
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, results):
+            if name:
+                values[name] = np.asarray(value)
+                added.append(numpy_helper.from_array(np.asarray(value), name))
+    if not added:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    out.graph.initializer.extend(added)
+    return out
 
 
 def _check_reference(outputs: dict[str, np.ndarray]) -> None:
