@@ -45,6 +45,13 @@ def test_third_party_output_goes_to_the_log_not_the_terminal(tmp_path, capfd, mo
     log.finish()
     assert log.path.exists()  # named in the error: kept
 
+    loud = BuildLog(verbose=True)  # --verbose: everything through, the traceback on stderr
+    with loud.captured():
+        os.system("echo from-a-child-process")
+        err = loud.failure("compile", "tvm", RuntimeError("boom"))
+    out = capfd.readouterr()
+    assert "from-a-child-process" in out.out and "RuntimeError: boom" in out.err and loud.path is None
+
 
 def test_progress_lines_are_not_wrapped_when_not_a_terminal(tmp_path):
     deep = tmp_path / ("a-long-folder-name-" * 5)
