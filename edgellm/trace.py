@@ -242,9 +242,8 @@ def trace_onnx(source: Source, shapes: dict, values: dict | None = None, given: 
         else:
             free = [str(d) if isinstance(d, str) and d != "?" else "N" for d in dims if not (isinstance(d, int) and d > 0)]
             raise EdgeError(f"input {value.name!r} has a dynamic shape {dims}",
-                            f"fix it with --input-shape {value.name}=" + "x".join(str(d) if isinstance(d, int) and d > 0 else
-                                                                              (str(d) if d != "?" else "N") for d in dims)
-                            + f", a number for {', '.join(dict.fromkeys(free))}")
+                            f"give it with --input-shape {value.name}=" + "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in dims)
+                            + f", a number for each N: {', '.join(dict.fromkeys(free))}")
         specs.append(TensorSpec(value.name, tuple(shape), dtype))
     _check_names(shapes, [s.name for s in specs])
     inputs = _sample_inputs(specs, given)

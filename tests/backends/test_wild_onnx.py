@@ -65,7 +65,7 @@ def test_progress_lines_are_not_wrapped_when_not_a_terminal(tmp_path):
 def test_shape_arithmetic_folds_once_the_input_shape_is_fixed(tmp_path):
     model = tiny.shape_arithmetic(tmp_path / "flatten.onnx")
     proc = run_cli("build", str(model), "--backend", "tvm", "-o", str(tmp_path / "x.edgepkg"))
-    assert_one_line_error(proc, "--input-shape x=Nx3xHxW")  # the dynamic dims named, with the option that fixes them
+    assert_one_line_error(proc, "--input-shape x=Nx3xNxN, a number for each N: N, H, W")  # the dims named, and the option
 
     out = tmp_path / "flatten.edgepkg"
     proc = run_cli("build", str(model), "--backend", "tvm", "--input-shape", "x=2x3x8x8", "-o", str(out), "--json")
