@@ -21,12 +21,22 @@ class BuildResult:
 
 
 @contextmanager
-def _stage(name: str, progress: Progress | None, seconds: dict, detail: list):
-    """Time a stage and report its start and end; ``detail`` collects its one-line summary."""
+def _stage(name: str, progress: Progress | None, seconds: dict, detail: list, log=None, backend: str | None = None):
+    """Time a stage and report its start and end; ``detail`` collects its one-line summary. With a BuildLog, any
+    exception but an EdgeError (TVM's, ONNX Runtime's, OpenVINO's) becomes one EdgeError naming the stage."""
+    from edgellm.errors import EdgeError
+
     if progress:
         progress(name, None, "")
     t0 = time.perf_counter()
-    yield
+    try:
+        yield
+    except EdgeError:
+        raise
+    except Exception as e:
+        if log is None:
+            raise
+        raise log.failure(name, backend, e) from None
     seconds[name] = time.perf_counter() - t0
     if progress:
         progress(name, seconds[name], detail[0] if detail else "")

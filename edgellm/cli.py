@@ -12,10 +12,23 @@ import click
 from edgellm.errors import EdgeError
 
 
-def _console():
+def _console(file=None):
+    """Rich output on stderr; when that is not a terminal (a log, CI), lines are never wrapped."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    stream = file or sys.stderr
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(file=file, stderr=file is None, highlight=False, soft_wrap=not tty, **({} if tty else {"width": 1000}))
+
+
+def _own_stderr():
+    """A file on a copy of fd 2: progress stays on the terminal while a build sends fd 2 to its log."""
+    import os
+
+    try:
+        return os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    except (AttributeError, OSError, ValueError):  # a replaced sys.stderr (a test runner)
+        return None
 
 
 def friendly(fn):
@@ -46,7 +59,8 @@ class StageProgress:
     """Shows a spinner for the running stage and a line with its time when it ends."""
 
     def __init__(self, quiet: bool = False):
-        self.console = _console()
+        self.file = None if quiet else _own_stderr()
+        self.console = _console(self.file)
         self.quiet = quiet
         self.status = None
 
@@ -54,10 +68,11 @@ class StageProgress:
         if self.quiet:
             return
         if seconds is None:
+            self.close_status()  # the stage before failed (backend auto goes on with the next one)
             self.status = self.console.status(f"{stage} ...")
             self.status.start()
             return
-        self.status.stop()
+        self.close_status()
         self.console.print(f"[green]✓[/green] {stage:<8} {seconds:6.1f} s  {detail}")
 
     def note(self, line: str) -> None:
@@ -65,9 +80,22 @@ class StageProgress:
         if not self.quiet:
             self.console.print(f"           {line}")
 
-    def close(self) -> None:
+    def failed(self, stage: str, problem: str) -> None:
+        """A stage that failed where the build goes on (backend auto: the next backend)."""
+        self.close_status()
+        if not self.quiet:
+            self.console.print(f"[red]✗[/red] {stage:<8} {problem}", markup=True)
+
+    def close_status(self) -> None:
         if self.status is not None:
             self.status.stop()
+            self.status = None
+
+    def close(self) -> None:
+        self.close_status()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,6 +137,10 @@ def targets(as_json):
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="the .edgepkg to write [default: NAME.edgepkg]")
 @click.option("--backend", default="default", show_default=True, help="tvm, openvino, default (the target's first) or auto (build with each the target allows, keep the fastest correct)")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224", help="override an input's shape")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE",
+              help="ONNX: freeze an input to a constant (e.g. a sample rate: sr=16000), so branches on it fold away; it leaves the package's inputs")
+@click.option("--sample", "sample_file", type=click.Path(dir_okay=False), metavar="FILE.npz",
+              help="real inputs (NAME=array) to trace, verify and store as the reference sample [default: random draws]")
 @click.option("--pipeline", default="default", show_default=True, help="TVM CPU pipeline: default, edgellm, stock")
 @click.option("--tolerance", type=float, help="max error vs the fp32 reference, relative to output scale [default: 1e-4; language models: 1e-3 of the largest logit]")
 @click.option("--prune", type=float, help="structured: remove this share of channels / FFN units / heads (0.3); unstructured: of weights")
@@ -126,23 +158,26 @@ def targets(as_json):
 @click.option("--fp16", is_flag=True, help="GPU targets: compute in fp16 (fp32 accumulation); verified to cosine >= 0.999")
 @click.option("--weights", type=click.Choice(["fp32", "int8", "int4"]), help="language models: weight compression [default: fp32]")
 @click.option("--max-seq-len", type=click.IntRange(min=16), help="language models: longest prompt + reply the KV cache holds [default: 1024]")
+@click.option("-v", "--verbose", is_flag=True, help="show what TVM, ONNX Runtime, OpenVINO and NNCF print, and a failing stage's traceback")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON when done")
 @click.pass_context
 @friendly
-def build(ctx, source, recipe_file, target, output, backend, input_shapes, pipeline, tolerance, prune, prune_mode, prune_importance,
-          finetune, quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, tune_remote, fp16, weights, max_seq_len, as_json):
+def build(ctx, source, recipe_file, target, output, backend, input_shapes, input_values, sample_file, pipeline, tolerance, prune, prune_mode,
+          prune_importance, finetune, quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, tune_remote, fp16, weights, max_seq_len,
+          verbose, as_json):
     """Build SOURCE (model.onnx, program.pt2, file.py:fn, zoo:NAME; a language model: model.gguf or a transformers folder) into an .edgepkg."""
     from click.core import ParameterSource
 
     from edgellm import api
     from edgellm.recipe import Recipe
 
-    options = dict(target=target, backend=backend, input_shapes=list(input_shapes), pipeline=pipeline, tolerance=tolerance, prune=prune,
+    options = dict(target=target, backend=backend, input_shapes=list(input_shapes), input_values=list(input_values), sample=sample_file,
+                   pipeline=pipeline, tolerance=tolerance, prune=prune,
                    prune_mode=prune_mode, prune_importance=prune_importance, finetune=finetune, quantize=quantize, calib=calib,
                    eval=eval_set, max_drop=max_drop, tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, tune_remote=tune_remote,
                    fp16=fp16, weights=weights, max_seq_len=max_seq_len)
     if recipe_file:  # the recipe, with the options given on the command line in place of its own
-        param = {"eval": "eval_set"}
+        param = {"eval": "eval_set", "sample": "sample_file"}
         given = {k: v for k, v in options.items() if ctx.get_parameter_source(param.get(k, k)) == ParameterSource.COMMANDLINE}
         if "fp16" in given:
             given["precision"] = "fp16" if given.pop("fp16") else "fp32"
@@ -154,9 +189,10 @@ def build(ctx, source, recipe_file, target, output, backend, input_shapes, pipel
     progress = StageProgress(quiet=as_json)
     try:
         if recipe is not None:
-            result = api.build(recipe.source, recipe, output, progress=progress)
+            result = api.build(recipe.source, recipe, output, progress=progress, verbose=verbose)
         else:
-            result = api.build(source, target, output, progress=progress, **{k: v for k, v in options.items() if k != "target"})
+            result = api.build(source, target, output, progress=progress, verbose=verbose,
+                               **{k: v for k, v in options.items() if k != "target"})
     finally:
         progress.close()
     _emit(result.manifest, as_json, lambda m: _console().print(

@@ -31,6 +31,8 @@ class Recipe:
     target: str = "host"  # name, .toml path or inline JSON; "host" is stored as the name it resolved to
     backend: str = "default"  # default: the target's first backend; auto: every allowed one, keep the fastest correct
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # {"x": [1, 3, 224, 224]}; also ["x=1x3x224x224"]
+    input_values: dict = field(default_factory=dict)  # ONNX inputs frozen to constants: {"sr": 16000}; also ["sr=16000"]
+    sample: str | None = None  # .npz of the inputs to trace, verify and store as the reference sample [default: random]
     pipeline: str = "default"  # TVM CPU pipeline (edgellm/backends/tvm_pipelines.py)
     tolerance: float = 1e-4  # max |error| vs the fp32 reference, relative to the output scale
     precision: str = "fp32"  # fp16: GPU targets compute in half precision (fp32 accumulation)
@@ -63,6 +65,12 @@ class Recipe:
             object.__setattr__(self, "target", tgt.name)
         object.__setattr__(self, "_target", tgt)
         object.__setattr__(self, "input_shapes", _shapes(self.input_shapes))
+        from edgellm.trace import parse_values
+
+        object.__setattr__(self, "input_values", parse_values(list(self.input_values) if isinstance(self.input_values, (list, tuple))
+                                                             else self.input_values))
+        if self.sample is not None:
+            object.__setattr__(self, "sample", str(self.sample))
         if self.tuning_db is not None:
             object.__setattr__(self, "tuning_db", str(self.tuning_db))
         self._validate(tgt)
@@ -101,6 +109,7 @@ class Recipe:
     def _validate_language_model(self, tgt) -> None:
         given = [flag for flag, value in (("--prune", self.prune), ("--quantize", self.quantize), ("--calib", self.calib),
                                           ("--tune", self.tune), ("--tuning-db", self.tuning_db), ("--input-shape", self.input_shapes),
+                                          ("--input-value", self.input_values), ("--sample", self.sample),
                                           ("--finetune", self.finetune), ("--fp16", self.precision != "fp32")) if value]
         if self.backend not in ("default", "tvm"):
             given.append(f"--backend {self.backend}")

@@ -26,6 +26,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
         "max_abs": max_abs,
         "mean_abs": float(diff.mean()) if diff.size else 0.0,
         "rel_max_abs": max_abs / scale,
+        "scale": float(np.abs(ref).max()) if ref.size else 0.0,  # max|reference|: below 1, rel_max_abs is an absolute error
         "cosine": float(np.dot(ref.ravel(), got.ravel()) / norms) if norms else 1.0,
         "sqnr_db": float(10 * np.log10(signal / noise)) if noise > 0 else None,  # None: identical
     }

@@ -117,7 +117,7 @@ class Model:
         tolerance: 1e-4 for fp32, looser for int8 / fp16), and for fp16 a cosine floor."""
         verification = self.manifest.get("verification") or {}
         tolerance = verification.get("tolerance", self.manifest.get("recipe", {}).get("tolerance", 1e-4))
-        return {"tolerance": float(tolerance), **({"min_cosine": verification["min_cosine"]} if "min_cosine" in verification else {})}
+        return {"tolerance": float(tolerance), **{k: verification[k] for k in ("min_cosine", "small_scale_min_cosine") if k in verification}}
 
     def check_reference(self, tolerance: float | None = None) -> dict:
         """Run the stored sample and compare with the fp32 reference outputs stored beside it.
@@ -130,7 +130,9 @@ class Model:
         worst = max(stats.values(), key=lambda s: s["rel_max_abs"])
         contract = {**self.contract(), **({"tolerance": tolerance} if tolerance is not None else {})}
         cosine = min(s["cosine"] for s in stats.values())
-        passed = worst["rel_max_abs"] <= contract["tolerance"] and cosine >= contract.get("min_cosine", -1.0)
+        small = [s["cosine"] for s in stats.values() if 0 < s.get("scale", 1) < 1]  # outputs below unit scale keep their direction
+        passed = (worst["rel_max_abs"] <= contract["tolerance"] and cosine >= contract.get("min_cosine", -1.0)
+                  and all(c >= contract.get("small_scale_min_cosine", -1.0) for c in small))
         return {"outputs": stats, "rel_max_abs": worst["rel_max_abs"], "max_abs": worst["max_abs"], "cosine_min": cosine,
                 **contract, "passed": passed}
 

@@ -27,7 +27,7 @@ def test_every_build_option_is_a_recipe_field():
     names = {f.name for f in dataclasses.fields(Recipe)}
     assert {"source", "target", "backend", "input_shapes", "pipeline", "tolerance", "precision", "prune", "prune_mode",
             "prune_importance", "finetune", "quantize", "calib", "eval", "max_drop", "tune", "tuning_db", "tune_budget"} <= names
-    keywords = set(inspect.signature(api.build).parameters) - {"source", "target", "output", "progress", "fields", "fp16"}
+    keywords = set(inspect.signature(api.build).parameters) - {"source", "target", "output", "progress", "verbose", "fields", "fp16"}
     assert keywords <= names and names - keywords == {"source", "target"}  # the rest through **fields
     with pytest.raises(TypeError, match="unexpected keyword"):
         make("zoo:kws-cnn", colour="red")

@@ -193,6 +193,15 @@ def _has_op(mod, name: str) -> bool:
     return bool(found)
 
 
+# Ops that do not survive NHWC in TVM 0.27: ConvertLayout would carry the conv's NHWC into them, and nothing lowers
+# an NHWC conv2d_transpose (VM codegen: "cannot emit this Relax operator"); they stay in the layout they came in,
+# with a transpose on each side. resize2d lowers in NHWC (tests/backends/test_wild_onnx.py builds Conv -> Resize).
+KEEP_LAYOUT = {
+    "relax.nn.conv2d_transpose": ["NCHW", "IOHW"],
+    "relax.nn.conv1d_transpose": ["NCW", "IOW"],
+}
+
+
 @tvm.transform.module_pass(opt_level=0, name="EdgeLayoutPasses")
 def layout_passes(mod, _ctx):
     """BN folding, clip rewrite, NHWC conv layout; each step guarded."""
@@ -214,7 +223,7 @@ def layout_passes(mod, _ctx):
             pass
     if _has_op(mod, "relax.nn.conv2d"):
         try:
-            new = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+            new = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"], **KEEP_LAYOUT})(mod)
             new = fold_permute_numpy(new)
             new = relax.transform.FoldConstant()(new)
             new = relax.transform.CanonicalizeBindings()(new)

@@ -1,0 +1,99 @@
+"""Tiny ONNX models, written with onnx.helper, that carry what real exporters emit (and one op TVM lacks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+
+def _save(nodes, inputs, outputs, inits, path, opset=17):
+    model = h.make_model(h.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[h.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def tvm_lacks(path):
+    """Celu: ONNX Runtime and OpenVINO run it, TVM 0.27's ONNX importer has no converter for it."""
+    return _save([h.make_node("Celu", ["x"], ["y"], alpha=1.0)], [h.make_tensor_value_info("x", T.FLOAT, [1, 8])],
+                 [h.make_tensor_value_info("y", T.FLOAT, [1, 8])], [], path)
+
+
+def shape_arithmetic(path):
+    """What exporters emit for a flatten with dynamic dims: Shape -> Gather / Slice -> ReduceProd -> Concat -> Reshape, a
+    new shape computed at run time (TVM 0.27's importer stops at the Reshape: "requires the input new shape to be
+    Shape"). The input's dims are dynamic (N, H, W); --input-shape fixes them."""
+    rng = np.random.default_rng(0)
+    w = nh.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+    consts = [nh.from_array(np.array(v, np.int64), n) for n, v in (("i0", [0]), ("b", [1]), ("e", [4]))]
+    nodes = [h.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             h.make_node("Shape", ["c"], ["s"]),
+             h.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+             h.make_node("Slice", ["s", "b", "e"], ["chw"]),
+             h.make_node("ReduceProd", ["chw"], ["p"], keepdims=1),
+             h.make_node("Concat", ["n", "p"], ["shape"], axis=0),
+             h.make_node("Reshape", ["c", "shape"], ["r"]),
+             h.make_node("Softmax", ["r"], ["y"], axis=-1)]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
+                 [h.make_tensor_value_info("y", T.FLOAT, ["N", "CHW"])], [w, *consts], path)
+
+
+def if_on_input(path):
+    """What silero-vad's export carries: an If on an int64 scalar input (the sample rate) choosing the branch, and a
+    recurrent state in and out (h = tanh(x W + state U), y = h V), so a stream of calls carries the state on."""
+    rng = np.random.default_rng(1)
+    W, U, V = ((rng.standard_normal(s) * 0.4).astype(np.float32) for s in ((16, 8), (8, 8), (8, 2)))
+
+    def branch(name, scale):
+        nodes = [h.make_node("MatMul", ["x", "W"], [f"{name}_a"]), h.make_node("MatMul", ["state", "U"], [f"{name}_b"]),
+                 h.make_node("Add", [f"{name}_a", f"{name}_b"], [f"{name}_c"]),
+                 h.make_node("Mul", [f"{name}_c", f"{name}_k"], [f"{name}_d"]),
+                 h.make_node("Tanh", [f"{name}_d"], [f"{name}_h"]), h.make_node("MatMul", [f"{name}_h", "V"], [f"{name}_y"])]
+        return h.make_graph(nodes, name, [], [h.make_tensor_value_info(f"{name}_y", T.FLOAT, [1, 2]),
+                                              h.make_tensor_value_info(f"{name}_h", T.FLOAT, [1, 8])],
+                            [nh.from_array(np.array(scale, np.float32), f"{name}_k")])
+
+    nodes = [h.make_node("Equal", ["sr", "sr16k"], ["is16k"]),
+             h.make_node("If", ["is16k"], ["y", "state_out"], then_branch=branch("at16k", 1.0), else_branch=branch("at8k", 0.5))]
+    inits = [nh.from_array(a, n) for n, a in (("W", W), ("U", U), ("V", V))] + [nh.from_array(np.array(16000, np.int64), "sr16k")]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 16]), h.make_tensor_value_info("state", T.FLOAT, [1, 8]),
+                         h.make_tensor_value_info("sr", T.INT64, [])],
+                 [h.make_tensor_value_info("y", T.FLOAT, [1, 2]), h.make_tensor_value_info("state_out", T.FLOAT, [1, 8])], inits, path)
+
+
+def tiny_outputs(path):
+    """A detector's head on noise: outputs ~1e-6 everywhere, where an error relative to max(1, scale) proves nothing."""
+    return _save([h.make_node("Mul", ["x", "k"], ["y"])], [h.make_tensor_value_info("x", T.FLOAT, [1, 64])],
+                 [h.make_tensor_value_info("y", T.FLOAT, [1, 64])], [nh.from_array(np.array(1e-6, np.float32), "k")], path)
+
+
+def upsampler(path, keep_resize_after_conv: bool = True):
+    """A decoder's tail (segmentation, OCR detection): Conv -> Resize (linear, x2) -> ConvTranspose (stride 2) -> Resize."""
+    rng = np.random.default_rng(2)
+    w1 = nh.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1")
+    w2 = nh.from_array((rng.standard_normal((8, 4, 2, 2)) * 0.3).astype(np.float32), "w2")
+    scales = nh.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    nodes = [h.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["a"], ["b"]),
+             h.make_node("Resize", ["b", "", "scales"], ["b2"], mode="linear"),
+             h.make_node("ConvTranspose", ["b2", "w2"], ["c"], strides=[2, 2]),
+             h.make_node("Resize", ["c", "", "scales"], ["y"], mode="nearest")]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])], [h.make_tensor_value_info("y", T.FLOAT, [1, 4, 64, 64])],
+                 [w1, w2, scales], path)
+
+
+def lstm(path, seq=3):
+    """A recurrent audio head (silero-vad v6's decoder): LSTM over `seq` frames with h/c state in and out."""
+    rng = np.random.default_rng(3)
+    hidden, feat = 8, 6
+    inits = [nh.from_array((rng.standard_normal(s) * 0.4).astype(np.float32), n)
+             for n, s in (("W", (1, 4 * hidden, feat)), ("R", (1, 4 * hidden, hidden)), ("B", (1, 8 * hidden)))]
+    nodes = [h.make_node("LSTM", ["x", "W", "R", "B", "", "h", "c"], ["y", "h_out", "c_out"], hidden_size=hidden)]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [seq, 1, feat]), h.make_tensor_value_info("h", T.FLOAT, [1, 1, hidden]),
+                         h.make_tensor_value_info("c", T.FLOAT, [1, 1, hidden])],
+                 [h.make_tensor_value_info("y", T.FLOAT, [seq, 1, 1, hidden]), h.make_tensor_value_info("h_out", T.FLOAT, [1, 1, hidden]),
+                  h.make_tensor_value_info("c_out", T.FLOAT, [1, 1, hidden])], inits, path)
