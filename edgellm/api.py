@@ -128,14 +128,14 @@ def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", 
           pipeline: str | None = None, tolerance: float | None = None, prune: float | None = None, prune_mode: str | None = None,
           prune_importance: str | None = None, finetune=None, quantize: str | None = None, calib: str | None = None,
           eval: str | None = None, max_drop: float | None = None, tune: int | None = None, tuning_db: str | Path | None = None,
-          tune_budget: float | None = None, fp16: bool | None = None, precision: str | None = None, weights: str | None = None,
+          tune_budget: float | None = None, tune_remote: str | None = None, fp16: bool | None = None, precision: str | None = None, weights: str | None = None,
           max_seq_len: int | None = None, verbose: bool = False, **fields) -> BuildResult:
     """source (-> prune) -> trace (-> samples) -> compile -> verify (-> measure, for backend="auto") (-> evaluate)
     -> package. Writes ``output`` atomically, and nothing when any stage fails.
 
     ``build(source, recipe)`` builds what the recipe says (``Recipe.load(package)`` rebuilds a package);
     the keyword arguments are the recipe's fields (backend, input_shapes, pipeline, tolerance, prune,
-    prune_mode, prune_importance, finetune, quantize, calib, eval, max_drop, tune, tuning_db, tune_budget,
+    prune_mode, prune_importance, finetune, quantize, calib, eval, max_drop, tune, tuning_db, tune_budget, tune_remote,
     precision; fp16=True for precision="fp16"; ``fields``: any other Recipe field), those given (not None) applied
     to the recipe given or to a new one. ``finetune`` may also be a function fn(module) -> module.
 
@@ -164,7 +164,7 @@ def _build(source, target, output, progress, log, *, backend, input_shapes, inpu
 
     given = dict(backend=backend, input_shapes=input_shapes, input_values=input_values, sample=sample, pipeline=pipeline, tolerance=tolerance, prune=prune, prune_mode=prune_mode,
                  prune_importance=prune_importance, finetune=finetune, quantize=quantize, calib=calib, eval=eval, max_drop=max_drop,
-                 tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, fp16=fp16, precision=precision, weights=weights,
+                 tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, tune_remote=tune_remote, fp16=fp16, precision=precision, weights=weights,
                  max_seq_len=max_seq_len)
     recipe, finetune_fn = make_recipe(source, target, **{k: v for k, v in given.items() if v is not None}, **fields)
     if recipe.is_language_model:  # a .gguf file, a transformers folder, zoo:smollm2-135m: edgellm/llm/build.py
