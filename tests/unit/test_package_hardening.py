@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import resource
 import struct
 import subprocess
 import sys
@@ -252,9 +253,15 @@ def test_fuzzing_the_reader_finds_no_crash(tmp_path):
     pytest.importorskip("atheris", reason="the fuzzer is in the dev extra: pip install -e '.[dev]'")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
+    # memory is capped by RLIMIT_AS (an allocation beyond it is a MemoryError: a crash), not by libFuzzer's
+    # -rss_limit_mb: that reads ru_maxrss, which a child inherits across fork + exec from its parent (pytest, GBs
+    # into the suite), so it reported an out-of-memory before the first input
+    def cap_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fuzz" / "fuzz_package.py"), str(corpus), "-max_total_time=25",
-                           "-timeout=10", "-rss_limit_mb=2048", "-max_len=16384", "-seed=1", f"-artifact_prefix={tmp_path}/"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                           "-timeout=10", "-rss_limit_mb=0", "-max_len=16384", "-seed=1", f"-artifact_prefix={tmp_path}/"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, preexec_fn=cap_memory,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     done = re.search(r"Done (\d+) runs in (\d+) second", proc.stderr)
     crash = re.search(r"(Uncaught Python exception|ERROR: libFuzzer.*|== ERROR.*)", proc.stderr)
