@@ -150,13 +150,13 @@ def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", 
                           input_values=input_values, sample=sample, pipeline=pipeline,
                           tolerance=tolerance, prune=prune, prune_mode=prune_mode, prune_importance=prune_importance, finetune=finetune,
                           quantize=quantize, calib=calib, eval=eval, max_drop=max_drop, tune=tune, tuning_db=tuning_db,
-                          tune_budget=tune_budget, fp16=fp16, precision=precision, weights=weights, max_seq_len=max_seq_len, **fields)
+                          tune_budget=tune_budget, tune_remote=tune_remote, fp16=fp16, precision=precision, weights=weights, max_seq_len=max_seq_len, **fields)
     finally:
         log.finish()
 
 
 def _build(source, target, output, progress, log, *, backend, input_shapes, input_values, sample, pipeline, tolerance, prune, prune_mode, prune_importance,
-           finetune, quantize, calib, eval, max_drop, tune, tuning_db, tune_budget, fp16, precision, weights, max_seq_len,
+           finetune, quantize, calib, eval, max_drop, tune, tuning_db, tune_budget, tune_remote, fp16, precision, weights, max_seq_len,
            **fields) -> BuildResult:
     from edgellm import source as sources
     from edgellm.compress.plan import Plan

@@ -172,3 +172,28 @@ def test_an_lstm_builds_on_tvm_as_its_steps_and_matches_onnx_runtime(tmp_path):
     got = runtime.load(result.path).run(**feed)
     for want, name in zip(ref, ("y", "h_out", "c_out")):
         np.testing.assert_allclose(got[name], want, atol=1e-5)
+
+
+def test_convs_go_nhwc_where_convert_layout_fails_and_match_onnx_runtime(tmp_path):
+    """TVM 0.27's ConvertLayout fails on this graph (a Max after the conv's reductions); the convs still go NHWC (the
+    rules schedule no NCHW conv: Magika's conv took 560 ms scalar), one by one with transposes around them."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgellm import api, runtime
+    from edgellm.backends.tvm_cpu.relax_passes import layout_passes
+
+    model = tiny.conv_then_reduce(tmp_path / "c.onnx")
+    mod = from_onnx(onnx.load(str(model)), keep_params_in_input=False)
+    with pytest.raises(Exception):
+        relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+    assert 'data_layout="NHWC"' in layout_passes(mod).script() and 'data_layout="NCHW"' not in layout_passes(mod).script()
+
+    result = api.build(str(model), "host", tmp_path / "c.edgepkg", backend="tvm")
+    assert result.manifest["verification"]["status"] == "passed"
+    x = np.random.default_rng(9).standard_normal((1, 4, 16, 1)).astype(np.float32)
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(runtime.load(result.path).run(x=x)["y"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

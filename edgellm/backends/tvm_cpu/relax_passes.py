@@ -175,7 +175,55 @@ def _rewrite_pointwise_conv(func):
     return rewrite_call(pattern, rewriter, func)
 
 
+def _rewrite_conv_nhwc_local(func):
+    """NCHW/OIHW conv2d (constant weights) -> ``permute(conv2d_nhwc(permute(x), w_hwio))``, conv by conv.
+
+    The fallback for a module that ``ConvertLayout`` cannot take (TVM 0.27 fails on some graphs, e.g. Magika's
+    reduction after a squeeze): the rules schedule NHWC convs only, and an NCHW one falls to the scalar fallback
+    (Magika's 0.33 GMAC conv: 560 ms). Two transposes per conv are cheap beside that."""
+    x, w = wildcard(), is_const()
+    pattern = is_op("relax.nn.conv2d")(x, w)
+
+    def rewriter(expr, matches):
+        a = expr.attrs
+        if str(a["data_layout"]) != "NCHW" or str(a["kernel_layout"]) != "OIHW" or str(a["out_layout"]) not in ("NCHW", ""):
+            return expr
+        xs = getattr(matches[x], "ty", None)
+        if not isinstance(xs, relax.TensorType) or xs.dtype != "float32" or xs.ndim != 4:
+            return expr
+        weight = _const_np(matches[w])
+        if weight.ndim != 4 or str(weight.dtype) != "float32":
+            return expr
+        nhwc = relax.op.permute_dims(matches[x], [0, 2, 3, 1])
+        hwio = relax.const(np.ascontiguousarray(weight.transpose(2, 3, 1, 0)))
+        conv = relax.op.nn.conv2d(nhwc, hwio, strides=a["strides"], padding=a["padding"], dilation=a["dilation"],
+                                  groups=int(a["groups"]), data_layout="NHWC", kernel_layout="HWIO", out_layout="NHWC",
+                                  out_dtype=a["out_dtype"])
+        return relax.op.permute_dims(conv, [0, 3, 1, 2])
+
+    return rewrite_call(pattern, rewriter, func)
+
+
+def _compose_permutes(func):
+    """permute_dims(permute_dims(x, p), q) -> permute_dims(x, p[q]), or x where that is the identity."""
+    x = wildcard()
+    inner = is_op("relax.permute_dims")(x)
+    pattern = is_op("relax.permute_dims")(inner)
+
+    def rewriter(expr, matches):
+        p, q = matches[inner].attrs["axes"], expr.attrs["axes"]
+        xs = getattr(matches[x], "ty", None)
+        if p is None or q is None or not isinstance(xs, relax.TensorType):
+            return expr
+        axes = [int(p[int(i)]) for i in q]
+        return matches[x] if axes == list(range(len(axes))) else relax.op.permute_dims(matches[x], axes)
+
+    return rewrite_call(pattern, rewriter, func)
+
+
 fold_bn_numpy = _function_pass(_fold_bn_numpy, "EdgeFoldBatchNorm")
+conv_nhwc_local = _function_pass(_rewrite_conv_nhwc_local, "EdgeConvNHWCLocal")
+compose_permutes = _function_pass(_compose_permutes, "EdgeComposePermutes")
 pointwise_conv_to_matmul = _function_pass(_rewrite_pointwise_conv, "EdgePointwiseConvToMatmul")
 fold_permute_numpy = _function_pass(_fold_permute_numpy, "EdgeFoldConstPermute")
 
@@ -229,7 +277,10 @@ def layout_passes(mod, _ctx):
             new = relax.transform.CanonicalizeBindings()(new)
             mod = new
         except Exception:  # pylint: disable=broad-except
-            pass
+            try:  # ConvertLayout failed on some other op: NHWC conv by conv, transposes around each
+                mod = relax.transform.CanonicalizeBindings()(compose_permutes(conv_nhwc_local(mod)))
+            except Exception:  # pylint: disable=broad-except
+                pass
         try:
             mod = pointwise_conv_to_matmul(mod)
         except Exception:  # pylint: disable=broad-except
