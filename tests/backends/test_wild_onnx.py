@@ -197,3 +197,24 @@ def test_convs_go_nhwc_where_convert_layout_fails_and_match_onnx_runtime(tmp_pat
     x = np.random.default_rng(9).standard_normal((1, 4, 16, 1)).astype(np.float32)
     ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(runtime.load(result.path).run(x=x)["y"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_conv1d_builds_as_nhwc_conv2d_and_matches_onnx_runtime(tmp_path):
+    """conv1d -> conv2d over (C, 1, L): ConvertLayout leaves conv1d alone, and the rules schedule NHWC conv2d only."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgellm import api, runtime
+    from edgellm.backends.tvm_cpu.relax_passes import layout_passes
+
+    model = tiny.conv1d(tmp_path / "c1.onnx")
+    script = layout_passes(from_onnx(onnx.load(str(model)), keep_params_in_input=False)).script()
+    assert "conv1d" not in script and script.count('data_layout="NHWC"') == 3
+
+    result = api.build(str(model), "host", tmp_path / "c1.edgepkg", backend="tvm")
+    assert result.manifest["verification"]["status"] == "passed"
+    x = np.random.default_rng(9).standard_normal((1, 4, 33)).astype(np.float32)
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(runtime.load(result.path).run(x=x)["y"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -117,3 +117,16 @@ def conv_then_reduce(path):
              h.make_node("Max", ["e", "floor"], ["y"])]
     return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 4, 16, 1])], [h.make_tensor_value_info("y", T.FLOAT, [1])],
                  [w, floor, *consts], path)
+
+
+def conv1d(path):
+    """An audio front end (silero-vad): 1-D convs, strided, padded, dilated, grouped, with bias and ReLU."""
+    rng = np.random.default_rng(6)
+    inits = [nh.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("w1", (16, 4, 5)), ("b1", (16,)), ("w2", (8, 4, 3)), ("w3", (6, 8, 3)))]
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["a"], strides=[2], pads=[2, 1]),
+             h.make_node("Relu", ["a"], ["b"]),
+             h.make_node("Conv", ["b", "w2"], ["c"], group=4, dilations=[2], pads=[2, 2]),
+             h.make_node("Conv", ["c", "w3"], ["y"], pads=[1, 1])]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 4, 33])], [h.make_tensor_value_info("y", T.FLOAT, [1, 6, 16])],
+                 inits, path)

@@ -204,6 +204,33 @@ def _rewrite_conv_nhwc_local(func):
     return rewrite_call(pattern, rewriter, func)
 
 
+def _rewrite_conv1d(func):
+    """NCW/OIW conv1d (constant fp32 weights) -> ``squeeze(conv2d(x[N, C, 1, L], w[O, I, 1, K]))``.
+
+    The rules schedule NHWC conv2d only, and ConvertLayout leaves conv1d alone: each silero-vad conv1d ran on the
+    scalar fallback. As a conv2d it goes NHWC like the others, L on the W axis (the rule's register tile)."""
+    x, w = wildcard(), is_const()
+    pattern = is_op("relax.nn.conv1d")(x, w)
+
+    def rewriter(expr, matches):
+        a = expr.attrs
+        if str(a["data_layout"]) != "NCW" or str(a["kernel_layout"]) != "OIW" or str(a["out_layout"]) not in ("NCW", ""):
+            return expr
+        xs = getattr(matches[x], "ty", None)
+        if not isinstance(xs, relax.TensorType) or xs.dtype != "float32" or xs.ndim != 3:
+            return expr
+        weight = _const_np(matches[w])
+        if weight.ndim != 3 or str(weight.dtype) != "float32":
+            return expr
+        (pl, pr), (s,), (d,) = [int(v) for v in a["padding"]], [int(v) for v in a["strides"]], [int(v) for v in a["dilation"]]
+        conv = relax.op.nn.conv2d(relax.op.expand_dims(matches[x], [2]), relax.const(np.ascontiguousarray(weight[:, :, None, :])),
+                                  strides=[1, s], padding=[0, pl, 0, pr], dilation=[1, d], groups=int(a["groups"]),
+                                  out_dtype=a["out_dtype"])
+        return relax.op.squeeze(conv, [2])
+
+    return rewrite_call(pattern, rewriter, func)
+
+
 def _compose_permutes(func):
     """permute_dims(permute_dims(x, p), q) -> permute_dims(x, p[q]), or x where that is the identity."""
     x = wildcard()
@@ -222,6 +249,7 @@ def _compose_permutes(func):
 
 
 fold_bn_numpy = _function_pass(_fold_bn_numpy, "EdgeFoldBatchNorm")
+conv1d_to_conv2d = _function_pass(_rewrite_conv1d, "EdgeConv1dToConv2d")
 conv_nhwc_local = _function_pass(_rewrite_conv_nhwc_local, "EdgeConvNHWCLocal")
 compose_permutes = _function_pass(_compose_permutes, "EdgeComposePermutes")
 pointwise_conv_to_matmul = _function_pass(_rewrite_pointwise_conv, "EdgePointwiseConvToMatmul")
@@ -263,6 +291,7 @@ def layout_passes(mod, _ctx):
         # become scalar libm calls (~7 ns / element)
         decompose_gelu,
         relax.transform.FastMathTransform(),
+        conv1d_to_conv2d,
     ]
     for step in steps:
         try:
