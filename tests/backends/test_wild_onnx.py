@@ -218,3 +218,30 @@ def test_conv1d_builds_as_nhwc_conv2d_and_matches_onnx_runtime(tmp_path):
     x = np.random.default_rng(9).standard_normal((1, 4, 33)).astype(np.float32)
     ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(runtime.load(result.path).run(x=x)["y"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_a_conv_with_output_channels_off_the_vector_width_is_padded_and_matches_onnx_runtime(tmp_path):
+    """18 output channels: the conv rule vectorizes whole vectors of output channels only, so the weights get zero
+    channels up to a multiple of the vector width and the output a slice (else the conv runs scalar)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgellm import api, runtime
+    from edgellm.backends.tvm_cpu.relax_passes import layout_passes
+    from edgellm.backends.tvm_cpu.target_info import vector_lanes
+
+    model = tiny.stft_conv(tmp_path / "stft.onnx")
+    target = tvm.target.Target("llvm")
+    with target:
+        mod = layout_passes(from_onnx(onnx.load(str(model)), keep_params_in_input=False))
+    [conv] = [line for line in mod.script().splitlines() if "R.nn.conv2d(" in line]
+    assert f", {-(-18 // vector_lanes(target)) * vector_lanes(target)}), dtype=" in conv
+
+    result = api.build(str(model), "host", tmp_path / "stft.edgepkg", backend="tvm")
+    assert result.manifest["verification"]["status"] == "passed"
+    x = np.random.default_rng(9).standard_normal((1, 1, 96)).astype(np.float32)
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(runtime.load(result.path).run(x=x)["y"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

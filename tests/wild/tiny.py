@@ -130,3 +130,19 @@ def conv1d(path):
              h.make_node("Conv", ["c", "w3"], ["y"], pads=[1, 1])]
     return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 4, 33])], [h.make_tensor_value_info("y", T.FLOAT, [1, 6, 16])],
                  inits, path)
+
+
+def stft_conv(path):
+    """silero-vad's STFT: a strided 1-D conv from 1 channel to 2 x 9 (real, imaginary) = 18 channels, not a multiple
+    of any vector width, then the magnitude of the two halves."""
+    rng = np.random.default_rng(7)
+    inits = [nh.from_array((rng.standard_normal((18, 1, 16)) * 0.3).astype(np.float32), "w"),
+             *[nh.from_array(np.array(v, np.int64), n) for n, v in (("z", [0]), ("m", [9]), ("e", [18]), ("one", [1]))]]
+    nodes = [h.make_node("Conv", ["x", "w"], ["a"], strides=[8]),
+             h.make_node("Slice", ["a", "z", "m", "one"], ["re"]),
+             h.make_node("Slice", ["a", "m", "e", "one"], ["im"]),
+             h.make_node("Mul", ["re", "re"], ["re2"]),
+             h.make_node("Mul", ["im", "im"], ["im2"]),
+             h.make_node("Add", ["re2", "im2"], ["y"])]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 1, 96])], [h.make_tensor_value_info("y", T.FLOAT, [1, 9, 11])],
+                 inits, path)
