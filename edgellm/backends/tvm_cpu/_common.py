@@ -124,6 +124,12 @@ def loop_work(sch, block) -> int:
     return prod(static_extent(sch, l) for l in sch.get_loops(block))
 
 
+def parallel_if(sch, loop, parallel: bool) -> None:
+    """``sch.parallel(loop)`` when ``parallel``; else the same call on a copy, only for its check: a rule whose loop
+    cannot go parallel (not data-parallel after its compute_at's) must still fail, as it did when every loop went."""
+    (sch if parallel else sch.copy()).parallel(loop)
+
+
 def schedule_injective(sch, block, lanes: int, parallel_min: int = PARALLEL_MIN_ELEMS):
     """Vectorize the innermost dimension and parallelize the fused outer loops."""
     loops = sch.get_loops(block)
@@ -417,8 +423,7 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
         sch.unroll(vio)
     sch.vectorize(vii)
     par = sch.fuse(*tile_loops) if len(tile_loops) > 1 else tile_loops[0]
-    if work >= PARALLEL_MIN_WORK:
-        sch.parallel(par)
+    parallel_if(sch, par, work >= PARALLEL_MIN_WORK)
     sch.decompose_reduction(block, red[0])
 
     # 5. everything else at root: separate parallel + vectorized loop nests

@@ -34,6 +34,7 @@ from ._common import (
     dtype_bits,
     largest_pow2_divisor,
     loop_work,
+    parallel_if,
     schedule_injective,
     schedule_tiled_reduction,
     split_around_reduction,
@@ -167,8 +168,7 @@ def schedule_depthwise(sch, func, target, main_info, tile: TileInfo):
     if nv > 1:
         sch.unroll(cio)
     sch.vectorize(cii)
-    if work >= PARALLEL_MIN_WORK:
-        sch.parallel(par)
+    parallel_if(sch, par, work >= PARALLEL_MIN_WORK)
     sch.decompose_reduction(block, red[0])
     for b in [p for p in producers if not any(p.same_as(a) for a in at_par)] + leftover:
         schedule_injective(sch, b, lanes)

@@ -19,7 +19,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
 
-from ._common import (PARALLEL_MIN_ELEMS, SafeRule, TileInfo, _linear_coef, debug_exception, dtype_bits, loop_work,
+from ._common import (SafeRule, TileInfo, _linear_coef, debug_exception, dtype_bits,
                       is_spatial_block, root_blocks, schedule_tiled_reduction, uses_var)
 from .target_info import vector_bits
 from .matmul import _is_multiply_accumulate, find_single_reduction
@@ -118,7 +118,6 @@ class RowReduction(CPUScheduleRule):
         if any(not k or k[0] != "S" for k in kinds):
             return None
         nlead = min(_leading_s(k) for k in kinds)
-        work = max(loop_work(sch, i.block_rv) for i in infos)
         stmt = sch.get(infos[-1].block_rv)
         lanes = max(vector_bits(target) // dtype_bits(stmt.writes[0].source.dtype), 1)
 
@@ -154,6 +153,5 @@ class RowReduction(CPUScheduleRule):
                     sch.vectorize(ki[-1])
             elif is_spatial_block(sch, block):
                 _vectorize_inner(sch, block, lanes)
-        if work >= PARALLEL_MIN_ELEMS:  # an exp or a divide per element: more work per element than a MAC
-            sch.parallel(row)
+        sch.parallel(row)
         return sch
