@@ -172,3 +172,76 @@ def test_an_lstm_builds_on_tvm_as_its_steps_and_matches_onnx_runtime(tmp_path):
     got = runtime.load(result.path).run(**feed)
     for want, name in zip(ref, ("y", "h_out", "c_out")):
         np.testing.assert_allclose(got[name], want, atol=1e-5)
+
+
+def test_convs_go_nhwc_where_convert_layout_fails_and_match_onnx_runtime(tmp_path):
+    """TVM 0.27's ConvertLayout fails on this graph (a Max after the conv's reductions); the convs still go NHWC (the
+    rules schedule no NCHW conv: Magika's conv took 560 ms scalar), one by one with transposes around them."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgellm import api, runtime
+    from edgellm.backends.tvm_cpu.relax_passes import layout_passes
+
+    model = tiny.conv_then_reduce(tmp_path / "c.onnx")
+    mod = from_onnx(onnx.load(str(model)), keep_params_in_input=False)
+    with pytest.raises(Exception):
+        relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+    assert 'data_layout="NHWC"' in layout_passes(mod).script() and 'data_layout="NCHW"' not in layout_passes(mod).script()
+
+    result = api.build(str(model), "host", tmp_path / "c.edgepkg", backend="tvm")
+    assert result.manifest["verification"]["status"] == "passed"
+    x = np.random.default_rng(9).standard_normal((1, 4, 16, 1)).astype(np.float32)
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(runtime.load(result.path).run(x=x)["y"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_conv1d_builds_as_nhwc_conv2d_and_matches_onnx_runtime(tmp_path):
+    """conv1d -> conv2d over (C, 1, L): ConvertLayout leaves conv1d alone, and the rules schedule NHWC conv2d only."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgellm import api, runtime
+    from edgellm.backends.tvm_cpu.relax_passes import layout_passes
+
+    model = tiny.conv1d(tmp_path / "c1.onnx")
+    script = layout_passes(from_onnx(onnx.load(str(model)), keep_params_in_input=False)).script()
+    assert "conv1d" not in script and script.count('data_layout="NHWC"') == 3
+
+    result = api.build(str(model), "host", tmp_path / "c1.edgepkg", backend="tvm")
+    assert result.manifest["verification"]["status"] == "passed"
+    x = np.random.default_rng(9).standard_normal((1, 4, 33)).astype(np.float32)
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(runtime.load(result.path).run(x=x)["y"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_a_conv_with_output_channels_off_the_vector_width_is_padded_and_matches_onnx_runtime(tmp_path):
+    """18 output channels: the conv rule vectorizes whole vectors of output channels only, so the weights get zero
+    channels up to a multiple of the vector width and the output a slice (else the conv runs scalar)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgellm import api, runtime
+    from edgellm.backends.tvm_cpu.relax_passes import layout_passes
+    from edgellm.backends.tvm_cpu.target_info import vector_lanes
+
+    model = tiny.stft_conv(tmp_path / "stft.onnx")
+    target = tvm.target.Target("llvm")
+    with target:
+        mod = layout_passes(from_onnx(onnx.load(str(model)), keep_params_in_input=False))
+    [conv] = [line for line in mod.script().splitlines() if "R.nn.conv2d(" in line]
+    assert f", {-(-18 // vector_lanes(target)) * vector_lanes(target)}), dtype=" in conv
+
+    result = api.build(str(model), "host", tmp_path / "stft.edgepkg", backend="tvm")
+    assert result.manifest["verification"]["status"] == "passed"
+    x = np.random.default_rng(9).standard_normal((1, 1, 96)).astype(np.float32)
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(runtime.load(result.path).run(x=x)["y"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -97,3 +97,52 @@ def lstm(path, seq=3):
                          h.make_tensor_value_info("c", T.FLOAT, [1, 1, hidden])],
                  [h.make_tensor_value_info("y", T.FLOAT, [seq, 1, 1, hidden]), h.make_tensor_value_info("h_out", T.FLOAT, [1, 1, hidden]),
                   h.make_tensor_value_info("c_out", T.FLOAT, [1, 1, hidden])], inits, path)
+
+
+def conv_then_reduce(path):
+    """Magika's body (keras Conv1D -> ONNX): an NCHW conv over (C, L, 1), Slice + Squeeze of the unit dim, ReduceMax over
+    L, a variance over C floored by Max (TVM imports it as stack + max). TVM 0.27's ConvertLayout fails on that max, for
+    the whole module."""
+    rng = np.random.default_rng(5)
+    w = nh.from_array((rng.standard_normal((8, 4, 5, 1)) * 0.3).astype(np.float32), "w")
+    consts = [nh.from_array(np.array(v, np.int64), n) for n, v in (("zero", [0]), ("one", [1]), ("two", [2]), ("three", [3]))]
+    floor = nh.from_array(np.array([0.0], np.float32), "floor")
+    nodes = [h.make_node("Conv", ["x", "w"], ["a"]),
+             h.make_node("Slice", ["a", "zero", "one", "three"], ["a1"]),
+             h.make_node("Squeeze", ["a1", "three"], ["b"]),
+             h.make_node("ReduceMax", ["b"], ["c"], axes=[2], keepdims=1),
+             h.make_node("Squeeze", ["c", "two"], ["d"]),
+             h.make_node("Mul", ["d", "d"], ["d2"]),
+             h.make_node("ReduceSum", ["d2", "one"], ["e"], keepdims=0),
+             h.make_node("Max", ["e", "floor"], ["y"])]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 4, 16, 1])], [h.make_tensor_value_info("y", T.FLOAT, [1])],
+                 [w, floor, *consts], path)
+
+
+def conv1d(path):
+    """An audio front end (silero-vad): 1-D convs, strided, padded, dilated, grouped, with bias and ReLU."""
+    rng = np.random.default_rng(6)
+    inits = [nh.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("w1", (16, 4, 5)), ("b1", (16,)), ("w2", (8, 4, 3)), ("w3", (6, 8, 3)))]
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["a"], strides=[2], pads=[2, 1]),
+             h.make_node("Relu", ["a"], ["b"]),
+             h.make_node("Conv", ["b", "w2"], ["c"], group=4, dilations=[2], pads=[2, 2]),
+             h.make_node("Conv", ["c", "w3"], ["y"], pads=[1, 1])]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 4, 33])], [h.make_tensor_value_info("y", T.FLOAT, [1, 6, 16])],
+                 inits, path)
+
+
+def stft_conv(path):
+    """silero-vad's STFT: a strided 1-D conv from 1 channel to 2 x 9 (real, imaginary) = 18 channels, not a multiple
+    of any vector width, then the magnitude of the two halves."""
+    rng = np.random.default_rng(7)
+    inits = [nh.from_array((rng.standard_normal((18, 1, 16)) * 0.3).astype(np.float32), "w"),
+             *[nh.from_array(np.array(v, np.int64), n) for n, v in (("z", [0]), ("m", [9]), ("e", [18]), ("one", [1]))]]
+    nodes = [h.make_node("Conv", ["x", "w"], ["a"], strides=[8]),
+             h.make_node("Slice", ["a", "z", "m", "one"], ["re"]),
+             h.make_node("Slice", ["a", "m", "e", "one"], ["im"]),
+             h.make_node("Mul", ["re", "re"], ["re2"]),
+             h.make_node("Mul", ["im", "im"], ["im2"]),
+             h.make_node("Add", ["re2", "im2"], ["y"])]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 1, 96])], [h.make_tensor_value_info("y", T.FLOAT, [1, 9, 11])],
+                 inits, path)

@@ -22,6 +22,11 @@ from .target_info import num_vector_registers, vector_bits
 #: (a TVM parallel region costs a few microseconds to launch).
 PARALLEL_MIN_ELEMS = 8192
 
+#: below this many multiply-adds a conv / matmul kernel runs on one thread: ~20 us of work,
+#: where waking the pool costs a few us on an idle machine and, when another process holds a core, can wait a
+#: scheduler slice (ms) for the second thread (silero-vad: ~20 kernels of 10-200 k MACs, 0.2 ms in all).
+PARALLEL_MIN_WORK = 1 << 18
+
 
 def debug_exception(rule: str, func) -> None:
     """Print the traceback of a failed rule when EDGELLM_TVM_DEBUG is set."""
@@ -112,6 +117,17 @@ def largest_pow2_divisor(n: int, cap: int, floor: int = 2) -> int | None:
             return v
         v //= 2
     return None
+
+
+def loop_work(sch, block) -> int:
+    """Iterations of the block's loop nest (spatial x reduction): its multiply-adds for a conv / matmul."""
+    return prod(static_extent(sch, l) for l in sch.get_loops(block))
+
+
+def parallel_if(sch, loop, parallel: bool) -> None:
+    """``sch.parallel(loop)`` when ``parallel``; else the same call on a copy, only for its check: a rule whose loop
+    cannot go parallel (not data-parallel after its compute_at's) must still fail, as it did when every loop went."""
+    (sch if parallel else sch.copy()).parallel(loop)
 
 
 def schedule_injective(sch, block, lanes: int, parallel_min: int = PARALLEL_MIN_ELEMS):
@@ -329,6 +345,7 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
     accumulating into a local tile; epilogues are inlined into the vectorized write-back.
     """
     block = main_info.block_rv
+    work = loop_work(sch, block)
     lanes = max(vector_bits(target) // dtype_bits(tile.dtype), 1)
     nregs = num_vector_registers(target)
     n = tile.vec.dom
@@ -406,7 +423,7 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
         sch.unroll(vio)
     sch.vectorize(vii)
     par = sch.fuse(*tile_loops) if len(tile_loops) > 1 else tile_loops[0]
-    sch.parallel(par)
+    parallel_if(sch, par, work >= PARALLEL_MIN_WORK)
     sch.decompose_reduction(block, red[0])
 
     # 5. everything else at root: separate parallel + vectorized loop nests

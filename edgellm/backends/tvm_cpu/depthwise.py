@@ -25,6 +25,7 @@ from __future__ import annotations
 from tvm import s_tir
 
 from ._common import (
+    PARALLEL_MIN_WORK,
     NotApplicable,
     SafeRule,
     TileInfo,
@@ -32,6 +33,8 @@ from ._common import (
     accumulate_in_registers,
     dtype_bits,
     largest_pow2_divisor,
+    loop_work,
+    parallel_if,
     schedule_injective,
     schedule_tiled_reduction,
     split_around_reduction,
@@ -93,6 +96,7 @@ def _pick_rows(tile, channel_tiles: int, n_red: int, stride: int, row_bytes: int
 
 def schedule_depthwise(sch, func, target, main_info, tile: TileInfo):
     block = main_info.block_rv
+    work = loop_work(sch, block)
     if tile.row is None or len(tile.reduce) > 2:
         raise NotApplicable("no W dim")
     lanes = max(vector_bits(target) // dtype_bits(tile.dtype), 1)
@@ -164,7 +168,7 @@ def schedule_depthwise(sch, func, target, main_info, tile: TileInfo):
     if nv > 1:
         sch.unroll(cio)
     sch.vectorize(cii)
-    sch.parallel(par)
+    parallel_if(sch, par, work >= PARALLEL_MIN_WORK)
     sch.decompose_reduction(block, red[0])
     for b in [p for p in producers if not any(p.same_as(a) for a in at_par)] + leftover:
         schedule_injective(sch, b, lanes)

@@ -49,6 +49,20 @@ def test_matmul_is_tiled_vectorized_parallel(target, lanes):
     assert "T.max(" in text  # relu folded into the write-back
 
 
+def test_tiny_reductions_run_on_one_thread():
+    """Below PARALLEL_MIN_WORK multiply-adds a kernel has no parallel loop (waking the pool costs more than it
+    saves, and waits a scheduler slice when another process holds a core); vectorized all the same."""
+    from edgellm.backends.tvm_cpu._common import PARALLEL_MIN_WORK
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32 * 36, 64))
+    funcs = _scheduled(model, torch.randn(1, 16, 8, 8), AVX512)
+    assert 32 * 36 * 16 * 9 < PARALLEL_MIN_WORK and 32 * 36 * 64 < PARALLEL_MIN_WORK
+    kernels = {n: f.script() for n, f in funcs.items() if "conv2d" in n or "matmul" in n}
+    assert len(kernels) == 2, funcs.keys()
+    for name, text in kernels.items():
+        assert "T.parallel(" not in text and "T.vectorized(T.int64(16))" in text, (name, text)
+
+
 def test_every_function_is_parallel_or_tiny():
     """No PrimFunc of a small transformer block is left unscheduled."""
     from test_numerics import Attention
