@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,17 @@ class Served:
     def run(self, arrays: dict):
         """Model.run in the calling worker thread: it is thread-safe, and holds callers beyond what the cores take."""
         return self.model.run(**arrays)
+
+
+def json_object(body: bytes, what: str) -> dict:
+    """The request body as a JSON object, or a 400 that says what it had to be."""
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise HTTPError(400, f"the request is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise HTTPError(400, f"the request must be {what}")
+    return data
 
 
 def error_response(path: str, status: int, message: str, code: str | None = None) -> JSONResponse:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgellm.serve.common import HTTPError, Served, read_body
+from edgellm.serve.common import HTTPError, Served, json_object, read_body
 
 VERSION = "1"  # a package is one version of one model
 HEADER = "inference-header-content-length"
@@ -82,12 +82,7 @@ def infer(served: Served, body: bytes, header_length: str | None) -> Response:
         head, binary = body[: int(header_length)], body[int(header_length):]
     else:
         head, binary = body, b""
-    try:
-        request = json.loads(head)
-    except ValueError as e:
-        raise HTTPError(400, f"the request is not valid JSON ({e})") from None
-    if not isinstance(request, dict):
-        raise HTTPError(400, "the request must be a JSON object with \"inputs\"")
+    request = json_object(head, 'a JSON object with "inputs"')
     arrays = decode_inputs(request, binary, served)
     wanted = request.get("outputs")
     names = [s.name for s in served.model.outputs]

@@ -21,7 +21,7 @@ from contextlib import closing
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from edgellm.serve.common import HTTPError, Served, read_body
+from edgellm.serve.common import HTTPError, Served, json_object, read_body
 
 
 def _held(text: str, stops: list[str]) -> int:
@@ -165,14 +165,7 @@ def routes(models: dict[str, Served], max_body: int) -> list[Route]:
     workers = {name: ThreadPoolExecutor(1, thread_name_prefix=f"edgellm-generate-{name}") for name in lms}
 
     async def request_json(request) -> dict:
-        body = await read_body(request, max_body)
-        try:
-            data = json.loads(body)
-        except ValueError as e:
-            raise HTTPError(400, f"the request is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise HTTPError(400, "the request must be a JSON object")
-        return data
+        return json_object(await read_body(request, max_body), "a JSON object")
 
     def language_model(name) -> Served:
         if name is None and len(lms) == 1:
