@@ -39,8 +39,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from edgellm.errors import EdgeError
-
 RULES_FILE = "edgellm_rules.json"
 MIN_FLOP_SHARE = 0.01  # functions below this share of the model's FLOPs get no trials
 
@@ -267,13 +265,10 @@ def make_runner(remote: str | None = None):
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=50)
     if not remote:
         return ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=60)
-    from edgellm.fleet.remote import Remote, devices
+    from edgellm.fleet.remote import Remote, key_pool
 
     where = Remote.parse(remote)
-    pool = devices(where.host, where.port)["keys"].get(where.key)
-    if not pool or not pool["total"]:
-        raise EdgeError(f"no device is registered under key {where.key!r} at {where.host}:{where.port}",
-                        "start one with `edgellm agent --tracker HOST:PORT --key NAME`")
+    pool = key_pool(where)
     config = ms.runner.RPCConfig(tracker_host=where.host, tracker_port=where.port, tracker_key=where.key,
                                  session_priority=1, session_timeout_sec=300)
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=pool["total"])

@@ -22,7 +22,7 @@ LAUNCHER = "import runpy, sys\nsys.argv[0] = 'edgellm.fleet.agent'\nrunpy.run_mo
 class Agent:
     """A running agent process; ``info`` is the line it printed once registered (port, CPU, ...)."""
 
-    def __init__(self, proc: subprocess.Popen, workdir: str | None, timeout: float):
+    def __init__(self, proc: subprocess.Popen, workdir: str | None):
         self.proc, self._workdir = proc, workdir
         line = proc.stdout.readline()  # the agent prints one JSON line once it listens
         try:
@@ -48,13 +48,13 @@ class Agent:
 
 
 def start_agent(tracker: str, key: str, emulate: str | None = None, host: str = "0.0.0.0", port: int = 9090,
-                timeout: float = 300.0, progress=None) -> Agent:
+                progress=None) -> Agent:
     """An agent registered under ``key`` with ``tracker`` (HOST:PORT): this machine's Python, or the emulated
     arm64 device ``emulate`` (a target name: rpi4, rpi5, arm64, ...)."""
     args = ["--tracker", tracker, "--key", key, "--host", host, "--port", str(port)]
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if not emulate:
-        return Agent(subprocess.Popen([sys.executable, "-m", "edgellm.fleet.agent", *args], text=True, **pipes), None, timeout)
+        return Agent(subprocess.Popen([sys.executable, "-m", "edgellm.fleet.agent", *args], text=True, **pipes), None)
 
     from edgellm import emulate as emu, targets
     from edgellm.bundle import copy_runtime_sources
@@ -72,4 +72,4 @@ def start_agent(tracker: str, key: str, emulate: str | None = None, host: str = 
     say(f"starting the agent under qemu-user as {target.qemu_cpu or 'max'}")
     proc = emu.start_python(rootfs, work, "agent.py", args, qemu_cpu=target.qemu_cpu or None,
                             env={"PYTHONPATH": "rt", "EDGELLM_AGENT_EMULATED": f"{target.name} ({target.qemu_cpu or 'max'})"}, **pipes)
-    return Agent(proc, work, timeout)
+    return Agent(proc, work)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +87,16 @@ def devices(host: str, port: int) -> dict:
     return {"tracker": f"{host}:{port}", "keys": keys}
 
 
+def key_pool(remote: Remote) -> dict:
+    """The tracker's entry for ``remote.key`` (total / free / busy devices), or a DeviceError naming the keys there are."""
+    keys = devices(remote.host, remote.port)["keys"]
+    pool = keys.get(remote.key)
+    if not pool or not pool["total"]:
+        raise DeviceError(f"no device is registered under key {remote.key!r} at {remote.host}:{remote.port} (keys: {', '.join(sorted(keys)) or 'none'})",
+                          "start one with `edgellm agent --tracker HOST:PORT --key NAME`")
+    return pool
+
+
 def _request(tracker, remote: Remote, timeout: float, session_timeout: float):
     """A session on one free device of the key, or a DeviceError when none frees up within ``timeout``."""
     box: dict = {}
@@ -105,7 +114,7 @@ def _request(tracker, remote: Remote, timeout: float, session_timeout: float):
         return box["session"]
     if "error" in box:
         raise DeviceError(f"the tracker could not give a device of key {remote.key!r} ({str(box['error']).splitlines()[-1][:200]})")
-    raise DeviceError(f"no device of key {remote.key!r} was free within {timeout:g} s (all busy)", "try again, or raise --wait")
+    raise DeviceError(f"no device of key {remote.key!r} was free within {timeout:g} s (all busy)", "try again when one is free")
 
 
 def _call(session, fn: str, *args) -> dict:
@@ -140,13 +149,9 @@ def run_remote(package: str | Path, remote: Remote, command: str = "profile", op
 
     package = Path(package)
     manifest = read_manifest(package)
-    tracker = _tracker(remote.host, remote.port)
-    pool = devices(remote.host, remote.port)["keys"].get(remote.key)
-    if not pool or not pool["total"]:
-        known = ", ".join(sorted(devices(remote.host, remote.port)["keys"])) or "none"
-        raise DeviceError(f"no device is registered under key {remote.key!r} at {remote.host}:{remote.port} (keys: {known})",
-                          "start one with `edgellm agent --tracker HOST:PORT --key NAME`")
+    pool = key_pool(remote)  # an unknown key fails here, at once, instead of waiting for a device
     count = pool["total"] if every else 1
+    tracker = _tracker(remote.host, remote.port)
     # hold every session before running anything, so the tracker hands out each device once
     sessions = []
     for _ in range(count):

@@ -41,7 +41,7 @@ def _pure_agent(port: int, key: str) -> launch.Agent:
     proc = subprocess.Popen([sys.executable, "-c", PURE_AGENT, "--tracker", f"127.0.0.1:{port}", "--key", key, "--host", "127.0.0.1",
                              "--port", str(_free_port())], cwd=ROOT, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return launch.Agent(proc, None, 60)
+    return launch.Agent(proc, None)
 
 
 @pytest.fixture(scope="module")

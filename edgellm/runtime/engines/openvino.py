@@ -10,12 +10,12 @@ package skips the CPU plugin's compilation.
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from edgellm.errors import EdgeError
+from edgellm.runtime.engines import Pool
 
 DEFAULT_VERSION = "2026.4.1"
 
@@ -68,8 +68,7 @@ class Engine:
         self.device = info.get("device", "CPU")
         self._version = _required_version(manifest)
         self.compiled = self._compile(self.config)
-        self._idle = [self.compiled.create_infer_request()]  # one infer request per concurrent caller
-        self._lock = threading.Lock()
+        self._requests = Pool(self.compiled.create_infer_request)  # one infer request per concurrent caller
         self._inputs = self._ports(self.compiled.inputs, info.get("input_names"))
         self._outputs = self._ports(self.compiled.outputs, info.get("output_names"))
         self._profiled = None  # (compiled model, request) with PERF_COUNT on, made on first op_times
@@ -108,16 +107,9 @@ class Engine:
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Thread-safe: an infer request runs one inference at a time ("Infer Request is busy"), so each concurrent
         caller takes its own from a pool; they share the compiled model, which runs them side by side."""
-        with self._lock:
-            request = self._idle.pop() if self._idle else None
-        if request is None:
-            request = self.compiled.create_infer_request()
-        try:
+        with self._requests.take() as request:
             self._infer(request, arrays)
             return [request.get_output_tensor(index).data.copy() for index in self._outputs]
-        finally:
-            with self._lock:
-                self._idle.append(request)
 
     def op_times(self, arrays: list[np.ndarray], runs: int) -> list[tuple[str, float]]:
         """Seconds per executed OpenVINO CPU node (real time), over ``runs`` runs.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import tempfile
@@ -14,6 +13,7 @@ import numpy as np
 
 from edgellm.errors import EdgeError
 from edgellm.runtime import cuda
+from edgellm.runtime.engines import Pool
 
 MODULE = "model.so"
 
@@ -123,24 +123,16 @@ class Engine:
             path.write_bytes(members[MODULE])
             self.lib = tvm.runtime.load_module(str(path))
         self._empty = tvm.runtime.empty
-        self._idle = [_Session(self)]
-        self._lock = threading.Lock()
-        self.sessions = 1
+        self._pool = Pool(lambda: _Session(self))
 
-    @contextlib.contextmanager
+    @property
+    def sessions(self) -> int:
+        """Sessions made so far: the most calls that ran at once."""
+        return self._pool.made
+
     def _session(self):
         self._size_pool()
-        with self._lock:
-            session = self._idle.pop() if self._idle else None
-            if session is None:
-                self.sessions += 1
-        if session is None:
-            session = _Session(self)
-        try:
-            yield session
-        finally:
-            with self._lock:
-                self._idle.append(session)
+        return self._pool.take()
 
     def _feed(self, session: _Session, arrays: list[np.ndarray]) -> list:
         """Device tensors holding ``arrays``: allocated once per session, then refilled. On the CPU through a numpy
