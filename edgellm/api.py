@@ -11,7 +11,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgellm import __version__, backends, targets
+from edgellm import __version__, backends, crash_guard, targets
 from edgellm.build_result import BuildResult, Progress, _stage
 from edgellm.errors import EdgeError
 from edgellm.package import check_output, narrowed, npz_bytes, write_package
@@ -207,6 +207,8 @@ def _build(source, target, output, progress, log, *, backend, input_shapes, inpu
         with stage("samples", detail):
             detail.append(plan.load_samples(traced))
     with tempfile.TemporaryDirectory(prefix="edgellm-build-") as tmp:
+        crash_guard.note("scratch", tmp)
+        crash_guard.note("output", str(out))
         trials = []
         for name in candidates:
             workdir = Path(tmp) / name

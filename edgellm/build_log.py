@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+from edgellm import crash_guard
 from edgellm.errors import EdgeError
 
 KEEP = 20  # logs of failed builds kept in the cache folder
@@ -65,6 +66,7 @@ class BuildLog:
             folder.mkdir(parents=True, exist_ok=True)
             self.path = folder / f"build-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
             self._file = open(self.path, "a+b", buffering=0)  # noqa: SIM115 (closed in finish)
+            crash_guard.note("log", str(self.path))
         return self._file
 
     @contextmanager

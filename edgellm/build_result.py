@@ -24,8 +24,11 @@ class BuildResult:
 def _stage(name: str, progress: Progress | None, seconds: dict, detail: list, log=None, backend: str | None = None):
     """Time a stage and report its start and end; ``detail`` collects its one-line summary. With a BuildLog, any
     exception but an EdgeError (TVM's, ONNX Runtime's, OpenVINO's) becomes one EdgeError naming the stage."""
+    from edgellm import crash_guard
     from edgellm.errors import EdgeError
 
+    crash_guard.note("stage", name)
+    crash_guard.note("backend", backend or "")
     if progress:
         progress(name, None, "")
     t0 = time.perf_counter()

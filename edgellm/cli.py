@@ -168,7 +168,7 @@ def build(ctx, source, recipe_file, target, output, backend, input_shapes, input
     """Build SOURCE (model.onnx, program.pt2, file.py:fn, zoo:NAME; a language model: model.gguf or a transformers folder) into an .edgepkg."""
     from click.core import ParameterSource
 
-    from edgellm import api
+    from edgellm import api, crash_guard
     from edgellm.recipe import Recipe
 
     options = dict(target=target, backend=backend, input_shapes=list(input_shapes), input_values=list(input_values), sample=sample_file,
@@ -186,17 +186,22 @@ def build(ctx, source, recipe_file, target, output, backend, input_shapes, input
         recipe = None
     else:
         raise EdgeError("build needs a SOURCE (model.onnx, program.pt2, file.py:fn or zoo:NAME) or --recipe FILE")
-    progress = StageProgress(quiet=as_json)
-    try:
-        if recipe is not None:
-            result = api.build(recipe.source, recipe, output, progress=progress, verbose=verbose)
-        else:
-            result = api.build(source, target, output, progress=progress, verbose=verbose,
-                               **{k: v for k, v in options.items() if k != "target"})
-    finally:
-        progress.close()
-    _emit(result.manifest, as_json, lambda m: _console().print(
-        f"built {result.path} in {sum(result.seconds.values()):.1f} s: {m['model']['name']} for {m['target']['name']} ({m['backend']['name']})"))
+
+    @friendly
+    def run_build():
+        progress = StageProgress(quiet=as_json)
+        try:
+            if recipe is not None:
+                result = api.build(recipe.source, recipe, output, progress=progress, verbose=verbose)
+            else:
+                result = api.build(source, target, output, progress=progress, verbose=verbose,
+                                   **{k: v for k, v in options.items() if k != "target"})
+        finally:
+            progress.close()
+        _emit(result.manifest, as_json, lambda m: _console().print(
+            f"built {result.path} in {sum(result.seconds.values()):.1f} s: {m['model']['name']} for {m['target']['name']} ({m['backend']['name']})"))
+
+    crash_guard.run(run_build)  # a segfault inside TVM / OpenVINO / ORT still ends in one error line
 
 
 @main.command("prune")
