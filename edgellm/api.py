@@ -129,7 +129,7 @@ def _time_trials(trials: list[dict], traced, tgt) -> str:
     if not runnable:
         return f"not measured: this machine cannot run {tgt.name}'s code"
     arrays = [traced.example_inputs[s.name] for s in traced.inputs]
-    p50 = side_by_side({i: (lambda e=t["engine"]: e.run(arrays)) for i, t in enumerate(runnable)}, blocks=4, per_block=10)
+    p50 = side_by_side({i: (lambda e=t["engine"]: e.run(arrays)) for i, t in enumerate(runnable)}, blocks=6, per_block=15)
     for i, t in enumerate(runnable):
         t["p50_ms"] = p50[i]
     return ", ".join(f"{t['backend']} {t['precision']} {t['p50_ms']:.3f} ms" for t in runnable) + f" ({device.cpu_count()} threads)"

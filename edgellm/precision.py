@@ -109,14 +109,14 @@ def choose(trials: list[dict], max_drop: float | None, target: str, threads: int
         chosen = fp32[0]
         why = (f"nothing within --max-drop {budget:g} pp: fp32 kept" if timed else
                f"not measured: this machine cannot run {target}'s code, so fp32 is kept (run auto on the device, or pick --precision)")
-    base = next((t["p50_ms"] for t in timed if t["precision"] == "fp32" and t["backend"] == chosen["backend"]), None)
+    base = {t["backend"]: t["p50_ms"] for t in timed if t["precision"] == "fp32"}  # p50_vs_fp32: vs the same backend's fp32
     table = []
     for t in trials:
         row = {"backend": t["backend"], "precision": t["precision"]}
         if "p50_ms" in t:
             row["p50_ms"] = round(t["p50_ms"], 4)
-            if base:
-                row["p50_vs_fp32"] = round(t["p50_ms"] / base, 3)
+            if t["backend"] in base:
+                row["p50_vs_fp32"] = round(t["p50_ms"] / base[t["backend"]], 3)
         if "evaluation" in t:
             worst = max(t["evaluation"]["outputs"].values(), key=lambda o: o["drop_pp"])
             row.update(drop_pp=round(t["drop_pp"], 4), cosine_mean=worst["cosine_mean"], rel_max_abs=worst["rel_max_abs"],
