@@ -199,7 +199,8 @@ def build(ctx, source, recipe_file, target, output, backend, input_shapes, input
     finally:
         progress.close()
     _emit(result.manifest, as_json, lambda m: _console().print(
-        f"built {result.path} in {sum(result.seconds.values()):.1f} s: {m['model']['name']} for {m['target']['name']} ({m['backend']['name']})"))
+        f"built {result.path} in {sum(result.seconds.values()):.1f} s: {m['model']['name']} for {m['target']['name']} ({m['backend']['name']}"
+        + (f", {m['precision']['name']})" if m.get("precision") else ")")))
 
 
 @main.command("prune")

@@ -105,6 +105,8 @@ class Recipe:
                 raise EdgeError(f"unknown backend {self.backend!r}", f"known backends: default, auto, {', '.join(backends.KNOWN)}")
             if self.backend not in tgt.backends:
                 raise EdgeError(f"target {tgt.name} does not allow backend {self.backend!r}", f"allowed: {', '.join(tgt.backends)}")
+        if (self.tune or self.tuning_db) and self.precision == "fp16" and tgt.tvm.get("kind") == "llvm":
+            raise EdgeError("--tune / --tuning-db do not combine with --precision fp16 yet", "build fp16 without tuning")
         if (self.tune or self.tuning_db) and "tvm" not in self.candidates():
             raise EdgeError("--tune / --tuning-db apply to the TVM backend", "use --backend tvm")
         if self.tune_remote:

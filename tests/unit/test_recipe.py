@@ -39,6 +39,7 @@ def test_every_build_option_is_a_recipe_field():
     ({"precision": "fp16", "target": "arm64"}, r"target arm64 cannot run fp16"),
     ({"target": "cuda-sm90", "fp16": True, "quantize": "int8"}, "--precision fp16 does not combine with --quantize int8"),
     ({"target": "rpi5", "precision": "fp16", "prune": 0.3}, "--precision fp16 does not combine with --prune"),
+    ({"target": "rpi5", "precision": "fp16", "tune": 4}, "--tune / --tuning-db do not combine with --precision fp16"),
     ({"fp16": True, "precision": "int8"}, "--fp16 is --precision fp16; --precision int8 was given too"),
     ({"precision": "auto", "quantize": "int8"}, "--precision auto does not combine with --quantize int8"),
     ({"precision": "int8", "quantize": "int8-weights"}, "--precision int8 is --quantize int8, not --quantize int8-weights"),
