@@ -537,7 +537,10 @@ def verify(package, tolerance, qemu_cpu, as_json):
     def human(r):
         where = f"emulated {r['arch']} ({r['qemu_cpu']}; emulated time is not device speed)" if r["emulated"] else f"this {r['arch']} machine"
         if r["passed"]:
-            click.echo(f"PASS {r['target']} on {where}: max error {r['max_abs']:.3g} ({r['rel_max_abs']:.3g} of output scale) in {r['seconds']:.1f} s")
+            c = r.get("contract") or {}
+            floor = f", cosine {r['cosine_min']:.6f} (floor {c['min_cosine']})" if "min_cosine" in c else ""
+            click.echo(f"PASS {r['target']} on {where}: max error {r['max_abs']:.3g} ({r['rel_max_abs']:.3g} of output scale, "
+                       f"tolerance {r['tolerance']:g}){floor} in {r['seconds']:.1f} s")
         else:
             click.echo(f"FAIL {r['target']} on {where}: {r['problem']}")
 
