@@ -147,7 +147,10 @@ def targets(as_json):
 @click.option("--prune-mode", type=click.Choice(["structured", "unstructured"]), default="structured", show_default=True)
 @click.option("--prune-importance", type=click.Choice(["l1", "l2", "taylor"]), default="l2", show_default=True)
 @click.option("--finetune", metavar="FILE.py:FN", help="with --prune: your fn(module) -> module, run on the pruned model (train it on your data)")
-@click.option("--quantize", type=click.Choice(["int8", "int8-weights"]), help="int8: static PTQ (calibrated); int8-weights: weight-only (OpenVINO)")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8", "auto"]),
+              help="fp32 [default]; bf16: OpenVINO on AMX / AVX512-BF16 CPUs; fp16: GPUs and arm64 +fullfp16 (rpi5); int8 (= --quantize int8); "
+                   "auto: build each the target allows, keep the fastest within --max-drop [default 1 pp]")
+@click.option("--quantize", type=click.Choice(["int8", "int8-weights"]), help="int8 (= --precision int8): static PTQ (calibrated); int8-weights: weight-only (OpenVINO)")
 @click.option("--calib", metavar="PATH|random", help="calibration samples: a folder of .npy/.npz, one .npz, or random")
 @click.option("--eval", "eval_set", metavar="PATH|random", help="evaluation samples [default: 20% held out of --calib]")
 @click.option("--max-drop", type=float, help="fail if accuracy vs fp32 drops more than this (percentage points)")
@@ -155,7 +158,7 @@ def targets(as_json):
 @click.option("--tuning-db", type=click.Path(file_okay=False), metavar="DIR", help="TVM: tuning database, shared across builds and models [default with --tune: ~/.cache/edgellm/tuning/<target>/]; given alone, applies it without tuning")
 @click.option("--tune-budget", type=float, metavar="SECONDS", help="TVM: start no new tuning task after this long")
 @click.option("--remote", "tune_remote", metavar="HOST:PORT/KEY", help="TVM: with --tune, measure candidates on the fleet's devices of KEY (every free one, in parallel) through the RPC tracker")
-@click.option("--fp16", is_flag=True, help="GPU targets: compute in fp16 (fp32 accumulation); verified to cosine >= 0.999")
+@click.option("--fp16", is_flag=True, help="= --precision fp16: fp16 arithmetic, fp32 accumulation; verified to cosine >= 0.999")
 @click.option("--weights", type=click.Choice(["fp32", "int8", "int4"]), help="language models: weight compression [default: fp32]")
 @click.option("--max-seq-len", type=click.IntRange(min=16), help="language models: longest prompt + reply the KV cache holds [default: 1024]")
 @click.option("-v", "--verbose", is_flag=True, help="show what TVM, ONNX Runtime, OpenVINO and NNCF print, and a failing stage's traceback")
@@ -163,7 +166,7 @@ def targets(as_json):
 @click.pass_context
 @friendly
 def build(ctx, source, recipe_file, target, output, backend, input_shapes, input_values, sample_file, pipeline, tolerance, prune, prune_mode,
-          prune_importance, finetune, quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, tune_remote, fp16, weights, max_seq_len,
+          prune_importance, finetune, precision, quantize, calib, eval_set, max_drop, tune, tuning_db, tune_budget, tune_remote, fp16, weights, max_seq_len,
           verbose, as_json):
     """Build SOURCE (model.onnx, program.pt2, file.py:fn, zoo:NAME; a language model: model.gguf or a transformers folder) into an .edgepkg."""
     from click.core import ParameterSource
@@ -173,7 +176,7 @@ def build(ctx, source, recipe_file, target, output, backend, input_shapes, input
 
     options = dict(target=target, backend=backend, input_shapes=list(input_shapes), input_values=list(input_values), sample=sample_file,
                    pipeline=pipeline, tolerance=tolerance, prune=prune,
-                   prune_mode=prune_mode, prune_importance=prune_importance, finetune=finetune, quantize=quantize, calib=calib,
+                   prune_mode=prune_mode, prune_importance=prune_importance, finetune=finetune, precision=precision, quantize=quantize, calib=calib,
                    eval=eval_set, max_drop=max_drop, tune=tune, tuning_db=tuning_db, tune_budget=tune_budget, tune_remote=tune_remote,
                    fp16=fp16, weights=weights, max_seq_len=max_seq_len)
     if recipe_file:  # the recipe, with the options given on the command line in place of its own
@@ -199,7 +202,8 @@ def build(ctx, source, recipe_file, target, output, backend, input_shapes, input
         finally:
             progress.close()
         _emit(result.manifest, as_json, lambda m: _console().print(
-            f"built {result.path} in {sum(result.seconds.values()):.1f} s: {m['model']['name']} for {m['target']['name']} ({m['backend']['name']})"))
+            f"built {result.path} in {sum(result.seconds.values()):.1f} s: {m['model']['name']} for {m['target']['name']} ({m['backend']['name']}"
+            + (f", {m['precision']['name']})" if m.get("precision") else ")")))
 
     crash_guard.run(run_build)  # a segfault inside TVM / OpenVINO / ORT still ends in one error line
 
@@ -538,7 +542,10 @@ def verify(package, tolerance, qemu_cpu, as_json):
     def human(r):
         where = f"emulated {r['arch']} ({r['qemu_cpu']}; emulated time is not device speed)" if r["emulated"] else f"this {r['arch']} machine"
         if r["passed"]:
-            click.echo(f"PASS {r['target']} on {where}: max error {r['max_abs']:.3g} ({r['rel_max_abs']:.3g} of output scale) in {r['seconds']:.1f} s")
+            c = r.get("contract") or {}
+            floor = f", cosine {r['cosine_min']:.6f} (floor {c['min_cosine']})" if "min_cosine" in c else ""
+            click.echo(f"PASS {r['target']} on {where}: max error {r['max_abs']:.3g} ({r['rel_max_abs']:.3g} of output scale, "
+                       f"tolerance {r['tolerance']:g}){floor} in {r['seconds']:.1f} s")
         else:
             click.echo(f"FAIL {r['target']} on {where}: {r['problem']}")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edgellm.errors import EdgeError
 
-PRECISIONS = ("fp32", "fp16")
+from edgellm.precision import PRECISIONS  # noqa: F401  (fp32 bf16 fp16 int8 auto: edgellm/precision.py)
 PYTHON_FN = "python:"  # a finetune given as a Python function: recorded by name, given again to rebuild
 
 
@@ -35,7 +35,7 @@ class Recipe:
     sample: str | None = None  # .npz of the inputs to trace, verify and store as the reference sample [default: random]
     pipeline: str = "default"  # TVM CPU pipeline (edgellm/backends/tvm_pipelines.py)
     tolerance: float = 1e-4  # max |error| vs the fp32 reference, relative to the output scale
-    precision: str = "fp32"  # fp16: GPU targets compute in half precision (fp32 accumulation)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | int8 (= quantize int8) | auto (edgellm/precision.py)
     prune: float | None = None  # share of channels / FFN units / heads (structured) or weights (unstructured)
     prune_mode: str = "structured"
     prune_importance: str = "l2"
@@ -73,6 +73,10 @@ class Recipe:
             object.__setattr__(self, "sample", str(self.sample))
         if self.tuning_db is not None:
             object.__setattr__(self, "tuning_db", str(self.tuning_db))
+        if self.precision == "int8" and self.quantize is None:  # one concept, two spellings: --precision int8 / --quantize int8
+            object.__setattr__(self, "quantize", "int8")
+        elif self.quantize == "int8" and self.precision == "fp32":
+            object.__setattr__(self, "precision", "int8")
         self._validate(tgt)
 
     def _validate(self, tgt) -> None:
@@ -84,19 +88,25 @@ class Recipe:
             return self._validate_language_model(tgt)
         if self.weights is not None or self.max_seq_len is not None:
             raise EdgeError("--weights / --max-seq-len are for language models", "give a .gguf file, a transformers folder or zoo:smollm2-135m")
-        check_options(self.prune, self.prune_mode, self.quantize, self.calib, self.eval, self.max_drop, self.finetune)
-        if self.precision not in PRECISIONS:
-            raise EdgeError(f"unknown precision {self.precision!r}", f"use one of {', '.join(PRECISIONS)}")
-        if self.precision == "fp16" and tgt.tvm.get("kind") != "cuda":
-            raise EdgeError(f"--fp16 is for NVIDIA GPU targets; {tgt.name} is a CPU target",
-                            "build for a cuda-sm* or jetson-orin target, or use --quantize int8 to shrink a CPU model")
-        if self.precision == "fp16" and (self.prune is not None or self.quantize is not None):
-            raise EdgeError("--fp16 does not combine with --prune / --quantize yet", "build with --fp16 alone")
+        from edgellm import precision
+
+        precision.check(tgt, self.precision, self.backend)
+        if self.precision == "int8" and self.quantize != "int8":
+            raise EdgeError(f"--precision int8 is --quantize int8, not --quantize {self.quantize}", "give one of them")
+        if self.quantize is not None and self.precision not in ("fp32", "int8"):
+            raise EdgeError(f"--precision {self.precision} does not combine with --quantize {self.quantize}",
+                            "--precision auto tries int8 itself" if self.precision == "auto" else "pick one precision")
+        if self.precision in ("fp16", "bf16") and self.prune is not None:
+            raise EdgeError(f"--precision {self.precision} does not combine with --prune yet", f"build with --precision {self.precision} alone")
+        check_options(self.prune, self.prune_mode, self.quantize, self.calib, self.eval, self.max_drop, self.finetune,
+                      auto=self.precision == "auto")
         if self.backend not in ("auto", "default"):
             if self.backend not in backends.KNOWN:
                 raise EdgeError(f"unknown backend {self.backend!r}", f"known backends: default, auto, {', '.join(backends.KNOWN)}")
             if self.backend not in tgt.backends:
                 raise EdgeError(f"target {tgt.name} does not allow backend {self.backend!r}", f"allowed: {', '.join(tgt.backends)}")
+        if (self.tune or self.tuning_db) and self.precision == "fp16" and tgt.tvm.get("kind") == "llvm":
+            raise EdgeError("--tune / --tuning-db do not combine with --precision fp16 yet", "build fp16 without tuning")
         if (self.tune or self.tuning_db) and "tvm" not in self.candidates():
             raise EdgeError("--tune / --tuning-db apply to the TVM backend", "use --backend tvm")
         if self.tune_remote:
@@ -110,7 +120,7 @@ class Recipe:
         given = [flag for flag, value in (("--prune", self.prune), ("--quantize", self.quantize), ("--calib", self.calib),
                                           ("--tune", self.tune), ("--tuning-db", self.tuning_db), ("--input-shape", self.input_shapes),
                                           ("--input-value", self.input_values), ("--sample", self.sample),
-                                          ("--finetune", self.finetune), ("--fp16", self.precision != "fp32")) if value]
+                                          ("--finetune", self.finetune), (f"--precision {self.precision}", self.precision != "fp32")) if value]
         if self.backend not in ("default", "tvm"):
             given.append(f"--backend {self.backend}")
         if given:
@@ -128,12 +138,25 @@ class Recipe:
         return self._target
 
     def candidates(self) -> list[str]:
-        """The backends to try: the one asked for, the target's first (default), or all it allows (auto)."""
-        if self.backend == "auto":
-            return list(self._target.backends)
+        """The backends to try: the one asked for, the target's first that runs the precision (default), or all
+        it allows (auto; and for --precision auto, all of them too)."""
+        from edgellm.precision import backends_for
+
+        able = backends_for(self._target, self.precision)
+        if self.backend == "auto" or (self.backend == "default" and self.precision == "auto"):
+            return able
         if self.backend == "default":
-            return self._target.backends[:1]
+            return able[:1]
         return [self.backend]
+
+    def trials(self) -> list[tuple[str, str]]:
+        """(backend, precision) pairs to build: one per candidate backend, or for --precision auto every
+        precision the target allows with each (edgellm/precision.py)."""
+        from edgellm.precision import candidates
+
+        if self.precision == "auto":
+            return candidates(self._target, self.candidates())
+        return [(b, self.precision) for b in self.candidates()]
 
     def replace(self, **changes) -> Recipe:
         """A new recipe with some fields changed (validated again, as a whole)."""
@@ -218,6 +241,8 @@ def make(source: str, target="host", finetune: str | Callable | None = None, **o
     function as ``finetune`` is recorded as python:NAME and handed to the prune stage."""
     if "fp16" in options:
         fp16 = options.pop("fp16")
+        if fp16 and options.get("precision") not in (None, "fp16"):
+            raise EdgeError(f"--fp16 is --precision fp16; --precision {options['precision']} was given too", "give one of them")
         if fp16 or "precision" not in options:
             options["precision"] = "fp16" if fp16 else options.get("precision", "fp32")
     fn = None

@@ -23,6 +23,7 @@ from edgellm.bundle import copy_runtime_sources
 from edgellm.errors import EdgeError
 from edgellm.runtime.package import read_manifest
 
+CONTRACT_KEYS = ("tolerance", "min_cosine", "small_scale_min_cosine", "min_top1", "top1_outputs")
 LAUNCHER = "import runpy, sys\nsys.argv[0] = 'edgellm.runtime'\nrunpy.run_module('edgellm.runtime', run_name='__main__')\n"
 
 
@@ -82,10 +83,10 @@ def verify(path: str | Path, tolerance: float | None = None, qemu_cpu: str | Non
         return {**result, "passed": False, "problem": f"the runtime failed on the device (exit {proc.returncode}): {lines[-1] if lines else 'no output'}"}
     result["tolerance"] = check["tolerance"]
     problem = None
-    if not check["passed"]:
-        problem = (f"error {check['rel_max_abs']:.3g} of the output scale > tolerance {check['tolerance']:g}"
-                   if check["rel_max_abs"] > check["tolerance"] else f"cosine {check['cosine_min']:.5f} < {check['min_cosine']}")
+    if not check["passed"]:  # the runtime names it (edgellm.runtime.accuracy.meets); an older runtime does not
+        problem = check.get("problem") or (f"error {check['rel_max_abs']:.3g} of the output scale > tolerance {check['tolerance']:g}"
+                                           if check["rel_max_abs"] > check["tolerance"] else f"cosine {check['cosine_min']:.5f} < {check.get('min_cosine')}")
     if "tokens_equal" in check and not check["tokens_equal"]:  # a language model: its greedy tokens on the reference prompt
         problem = f"greedy tokens differ from the reference from token {check['tokens_agree_first']} on"
     return {**result, "passed": bool(check["passed"]), "max_abs": check["max_abs"], "rel_max_abs": check["rel_max_abs"],
-            "cosine_min": check["cosine_min"], "problem": problem, **({"tokens": check["tokens"]} if "tokens" in check else {})}
+            "cosine_min": check["cosine_min"], "problem": problem, "contract": {k: check[k] for k in CONTRACT_KEYS if k in check}, **({"tokens": check["tokens"]} if "tokens" in check else {})}

@@ -6,7 +6,8 @@ dicts) or "int8-weights" (weight-only), NNCF quantizes the converted model befor
 that the CPU plugin turns into int8 kernels.
 
 The IR is compiled on the device by OpenVINO's CPU plugin at load time (edgellm/runtime/engines/openvino.py),
-with f32 inference precision: on CPUs with bf16 or AMX, OpenVINO would otherwise run in bf16.
+with f32 inference precision: on CPUs with bf16 or AMX, OpenVINO would otherwise run in bf16; ``--precision bf16``
+asks for exactly that (INFERENCE_PRECISION_HINT=bf16, edgellm/precision.py).
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ class Backend:
 
     def compile(self, traced: Traced, target: Target, options: dict, workdir: Path) -> Compiled:
         self.check(target)
+        if (options.get("precision") or "fp32") not in ("fp32", "bf16"):
+            raise EdgeError(f"the OpenVINO backend has no {options['precision']} for CPU targets", "use --precision fp32, bf16 or int8")
         if (options.get("pipeline") or "default") != "default":
             raise EdgeError(f"the OpenVINO backend has no pipeline {options['pipeline']!r} (pipelines are TVM's)", "leave --pipeline out")
         ov = import_openvino()
@@ -143,7 +146,8 @@ class Backend:
             info={
                 "name": self.name,
                 "openvino": OPENVINO_VERSION,
-                "precision": "f32",
+                # pinned: OpenVINO's CPU plugin runs f32 IR in bf16 on CPUs with AVX512-BF16 / AMX unless told
+                "precision": "bf16" if options.get("precision") == "bf16" else "f32",
                 "device": "CPU",
                 "model": "model.xml",
                 "weights": "model.bin",

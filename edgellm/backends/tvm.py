@@ -22,6 +22,10 @@ from edgellm.errors import EdgeError
 from edgellm.targets import Target
 from edgellm.trace import Traced
 
+# what --precision fp16 does on an arm64 core with fp16 arithmetic (tvm_cpu.pre_schedule_passes)
+FP16_CPU_INFO = {"compute": "fp16", "accumulate": "fp32", "inputs_outputs": "fp32",
+                 "pass": "relax.transform.ToMixedPrecision(out_dtype=float32), after edgellm's fp32 layout passes"}
+
 __all__ = ["Backend", "FFI_VERSION", "TVM_VERSION", "cross_compiler", "import_compiler", "to_relax"]
 
 
@@ -44,6 +48,11 @@ class Backend:
         mod = to_relax(traced)
         tvm_target = tvm.target.Target(target.tvm)
         pipeline_name = options.get("pipeline") or "default"
+        precision = options.get("precision") or "fp32"
+        if precision == "bf16":
+            raise EdgeError("TVM has no bf16 CPU kernels in this edgellm", "use --backend openvino for --precision bf16")
+        if precision == "fp16" and (options.get("tune") or options.get("tuning_db")):
+            raise EdgeError("--tune / --tuning-db do not combine with --precision fp16 yet", "build fp16 without tuning")
         quant_info = None
         if options.get("quantize") == "int8":  # edgellm/backends/tvm_int8: u8 x s8 -> s32 kernels
             from edgellm.backends import tvm_int8
@@ -67,7 +76,7 @@ class Backend:
                                        progress=options.get("tune_progress"), remote=options.get("tune_remote"))
             pipeline = tvm_tune.pipeline(tvm_target, db_dir)
         else:
-            pipeline = tvm_pipelines.get(pipeline_name, tvm_target)
+            pipeline = tvm_pipelines.get(pipeline_name, tvm_target, "fp16" if precision == "fp16" else "fp32")
         # no argument checks inside the kernels: the VM checks the model's inputs once (check_tensor_info /
         # match_shape), and then calls its kernels only with the tensors it planned. Each kernel's check
         # prologue is ~4 kB of code: kws-cnn int8's model.so 107 -> 66 kB (fp32 143 -> 119 kB)
@@ -87,6 +96,7 @@ class Backend:
                 "tvm_ffi": FFI_VERSION,
                 "pipeline": tvm_pipelines.default_name() if pipeline_name == "default" else pipeline_name,
                 "tvm_target": str(tvm_target),
+                "precision": FP16_CPU_INFO if precision == "fp16" else {"compute": "fp32"},
                 **({"tuning_db": str(db_dir)} if db_dir else {}),
                 **({"quantize": quant_info} if quant_info else {}),
                 **({"tuning": {k: tuning[k] for k in ("tasks", "tuned", "reused", "skipped", "trials", "seconds")}}

@@ -13,16 +13,20 @@ import importlib.util
 from edgellm.errors import EdgeError
 
 
-def _stock(target):
+def _stock(target, precision="fp32"):
+    import tvm
     from tvm import relax
 
-    return relax.get_default_pipeline(target)
+    stock = relax.get_default_pipeline(target)
+    if precision != "fp16":
+        return stock
+    return tvm.transform.Sequential([relax.transform.ToMixedPrecision(out_dtype="float32"), stock])
 
 
-def _edgellm(target):
+def _edgellm(target, precision="fp32"):
     from edgellm.backends.tvm_int8 import pipeline  # tvm_cpu's pipeline with the int8 rules in front
 
-    return pipeline(target)
+    return pipeline(target, precision=precision)
 
 
 PIPELINES = {"stock": _stock}
@@ -35,9 +39,10 @@ def default_name() -> str:
     return "edgellm" if "edgellm" in PIPELINES else "stock"
 
 
-def get(name: str, target):
+def get(name: str, target, precision: str = "fp32"):
+    """The pipeline ``name`` for ``target``; ``precision`` fp16 adds TVM's ToMixedPrecision (fp32 accumulation)."""
     if name == "default":
         name = default_name()
     if name not in PIPELINES:
         raise EdgeError(f"unknown TVM pipeline {name!r}", f"known: {', '.join(PIPELINES)}")
-    return PIPELINES[name](target)
+    return PIPELINES[name](target, precision)

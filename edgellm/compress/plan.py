@@ -28,7 +28,7 @@ NEEDS_CALIB = ("static int8 needs calibration data",
 INT8_TOLERANCE = 0.1
 
 
-def check_options(prune, prune_mode, quantize, calib, eval, max_drop, finetune) -> None:
+def check_options(prune, prune_mode, quantize, calib, eval, max_drop, finetune, auto: bool = False) -> None:
     """The compression options' own rules, one EdgeError line each (edgellm.recipe.Recipe checks a build's with this)."""
     from edgellm.compress import prune as cprune
     from edgellm.compress import quantize as cquant
@@ -42,8 +42,8 @@ def check_options(prune, prune_mode, quantize, calib, eval, max_drop, finetune) 
         raise EdgeError(f"unknown --quantize {quantize!r}", f"use one of {', '.join(cquant.MODES)}")
     if max_drop is not None and max_drop < 0:
         raise EdgeError(f"--max-drop {max_drop} is negative", "give percentage points, e.g. --max-drop 1.0")
-    if prune is None and quantize is None and (calib or eval or max_drop is not None):
-        raise EdgeError("--calib, --eval and --max-drop go with --prune or --quantize")
+    if prune is None and quantize is None and not auto and (calib or eval or max_drop is not None):
+        raise EdgeError("--calib, --eval and --max-drop go with --prune, --quantize or --precision int8 | auto")
     if finetune is not None and prune is None:
         raise EdgeError("--finetune goes with --prune", "add --prune R, or drop --finetune")
 
@@ -58,6 +58,7 @@ class Plan:
     eval: str | None = None
     max_drop: float | None = None
     finetune: object = None  # fn(module) -> module, run on the pruned model (user code, user data), or "file.py:fn"
+    auto: bool = False  # --precision auto: every candidate is evaluated on the eval set, and int8 ones calibrated
     prune_report: dict | None = None
     quantize_info: dict | None = None
     evaluation: dict | None = None
@@ -67,7 +68,7 @@ class Plan:
     _note: str = ""
 
     def __post_init__(self):
-        check_options(self.prune, self.prune_mode, self.quantize, self.calib, self.eval, self.max_drop, self.finetune)
+        check_options(self.prune, self.prune_mode, self.quantize, self.calib, self.eval, self.max_drop, self.finetune, self.auto)
         if isinstance(self.finetune, str):
             from edgellm.source import load_function
 
@@ -75,15 +76,17 @@ class Plan:
 
     @property
     def active(self) -> bool:
-        return self.prune is not None or self.quantize is not None
+        return self.prune is not None or self.quantize is not None or self.auto
 
-    def check_backend(self, backend: str) -> None:
+    def check_backend(self, backend: str, quantize: str | None = None) -> None:
+        """``quantize``: this candidate's (--precision auto's int8 ones), default the plan's."""
         from edgellm.compress.quantize import check
 
-        check(backend, self.quantize)
+        quantize = quantize or self.quantize
+        check(backend, quantize)
         # after the backend check: that is the first thing to fix. TVM decides static or dynamic int8 from the
         # graph (transformer encoders: dynamic, no calibration), so it raises the same error itself when static
-        if self.quantize == "int8" and self.calib is None and backend != "tvm":
+        if quantize == "int8" and self.calib is None and backend != "tvm" and not self.auto:
             raise EdgeError(*NEEDS_CALIB)
 
     def keep_reference(self, src) -> None:
@@ -122,16 +125,17 @@ class Plan:
         self._calib, self._eval, self._note = prepare(self.calib, self.eval, traced.inputs)
         return self._note
 
-    def options(self) -> dict:
-        return {"quantize": self.quantize, "calibration": self._calib, "calibration_given": self.calib is not None} if self.quantize else {}
+    def options(self, quantize: str | None = None) -> dict:
+        quantize = quantize or self.quantize
+        return {"quantize": quantize, "calibration": self._calib, "calibration_given": self.calib is not None} if quantize else {}
 
-    def tolerance(self, tolerance: float) -> float:
-        return max(tolerance, INT8_TOLERANCE) if self.quantize else tolerance
+    def tolerance(self, tolerance: float, quantize: str | None = None) -> float:
+        return max(tolerance, INT8_TOLERANCE) if quantize or self.quantize else tolerance
 
     def evaluate(self, engine, traced) -> str:
         """Agreement of the built model (``engine``) with the original fp32 model on the evaluation samples;
         EdgeError over --max-drop. ``engine`` None: this machine cannot run the target's code."""
-        from edgellm.compress.evaluate import check_drop, engine_runner, evaluate
+        from edgellm.compress.evaluate import check_drop
 
         if not self.active:
             return ""
@@ -141,8 +145,7 @@ class Plan:
                                 "build for host, or leave --max-drop out and check accuracy on the device")
             self.evaluation = {"status": "skipped", "reason": "this machine cannot run the target's code", "note": self._note}
             return "skipped: not the device"
-        names = [s.name for s in traced.inputs]
-        report = evaluate(engine_runner(engine, names), self._reference, self._eval, [s.name for s in traced.outputs])
+        report = self.measure(engine, traced)
         what = " + ".join(filter(None, [f"pruned {self.prune:g}" if self.prune else "", self.quantize or ""]))
         self.evaluation = {"status": "measured", "against": "the original fp32 model", "note": self._note, **report}
         verdict = check_drop(report, self.max_drop, what)  # raises over the limit
@@ -152,6 +155,13 @@ class Plan:
         shown = f"top-1 agreement {stats['top1']:.1%}" if verdict["measure"] == "top-1 agreement" else f"mean cosine {stats['cosine_mean']:.4f}"
         limit = f" (limit {self.max_drop:g} pp)" if self.max_drop is not None else ""
         return f"{shown} vs fp32 on {report['samples']} eval samples: drop {verdict['drop_pp']:.2f} pp{limit}"
+
+    def measure(self, engine, traced) -> dict:
+        """Agreement of ``engine`` with the original fp32 model on the evaluation samples (``evaluate``'s report)."""
+        from edgellm.compress.evaluate import engine_runner, evaluate
+
+        return evaluate(engine_runner(engine, [s.name for s in traced.inputs]), self._reference, self._eval,
+                        [s.name for s in traced.outputs])
 
     def manifest(self, backend_info: dict) -> dict:
         """The manifest's "compression": prune report, what the chosen backend quantized, the evaluation."""

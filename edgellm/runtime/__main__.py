@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             floor = f", cosine {result['cosine_min']:.5f} (floor {result['min_cosine']})" if "min_cosine" in result else ""
             print(json.dumps(result, indent=2) if args.json else
                   f"{'PASS' if result['passed'] else 'FAIL'}: max error {result['max_abs']:.3g} "
-                  f"({result['rel_max_abs']:.3g} of the output scale, tolerance {result['tolerance']:g}){floor}")
+                  f"({result['rel_max_abs']:.3g} of the output scale, tolerance {result['tolerance']:g}){floor}"
+                  + (f": {result['problem']}" if result.get("problem") else ""))
             return 0 if result["passed"] else 1
     except EdgeError as e:
         print(f"error: {e}", file=sys.stderr)

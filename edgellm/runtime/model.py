@@ -113,28 +113,29 @@ class Model:
         return {s.name: self._reference[f"input.{s.name}"].astype(s.dtype, copy=False) for s in self.inputs}
 
     def contract(self) -> dict:
-        """The accuracy the build promised: max error relative to the output scale (the build's verification
-        tolerance: 1e-4 for fp32, looser for int8 / fp16), and for fp16 a cosine floor."""
+        """The accuracy the build promised (edgellm/precision.py): max error relative to the output scale (1e-4 for
+        fp32, looser for int8 / fp16 / bf16), and for fp16 / bf16 a cosine floor and top-1 agreement of classifiers.
+        Packages before ``manifest["precision"]`` keep theirs in the verification record."""
         verification = self.manifest.get("verification") or {}
-        tolerance = verification.get("tolerance", self.manifest.get("recipe", {}).get("tolerance", 1e-4))
-        return {"tolerance": float(tolerance), **{k: verification[k] for k in ("min_cosine", "small_scale_min_cosine") if k in verification}}
+        stored = (self.manifest.get("precision") or {}).get("contract") or verification
+        tolerance = stored.get("tolerance", self.manifest.get("recipe", {}).get("tolerance", 1e-4))
+        keys = ("min_cosine", "small_scale_min_cosine", "min_top1", "top1_outputs")
+        return {"tolerance": float(tolerance), **{k: stored[k] for k in keys if k in stored},
+                **({"small_scale_min_cosine": verification["small_scale_min_cosine"]} if "small_scale_min_cosine" in verification else {})}
 
     def check_reference(self, tolerance: float | None = None) -> dict:
         """Run the stored sample and compare with the fp32 reference outputs stored beside it.
 
         ``tolerance`` None: the package's own contract (:meth:`contract`)."""
-        from edgellm.runtime.accuracy import compare
+        from edgellm.runtime.accuracy import compare, meets
 
         got = self.run(**self.example_inputs())
         stats = {name: compare(self._reference[f"output.{name}"], got[name]) for name in got}
         worst = max(stats.values(), key=lambda s: s["rel_max_abs"])
         contract = {**self.contract(), **({"tolerance": tolerance} if tolerance is not None else {})}
-        cosine = min(s["cosine"] for s in stats.values())
-        small = [s["cosine"] for s in stats.values() if 0 < s.get("scale", 1) < 1]  # outputs below unit scale keep their direction
-        passed = (worst["rel_max_abs"] <= contract["tolerance"] and cosine >= contract.get("min_cosine", -1.0)
-                  and all(c >= contract.get("small_scale_min_cosine", -1.0) for c in small))
-        return {"outputs": stats, "rel_max_abs": worst["rel_max_abs"], "max_abs": worst["max_abs"], "cosine_min": cosine,
-                **contract, "passed": passed}
+        passed, problem = meets(stats, contract)
+        return {"outputs": stats, "rel_max_abs": worst["rel_max_abs"], "max_abs": worst["max_abs"],
+                "cosine_min": min(s["cosine"] for s in stats.values()), **contract, "passed": passed, "problem": problem}
 
     def generate(self, *args, **kwargs):
         raise EdgeError(f"{self.path.name} is not a language model", "call run() or the model itself; build a .gguf or transformers folder for generate()")

@@ -70,7 +70,7 @@ def test_int8_weights_unstructured_kws():
     ({"prune": 1.5}, "--prune 1.5 is not between 0 and 1"),
     ({"prune": 0.3, "prune_mode": "blocks"}, "unknown --prune-mode"),
     ({"quantize": "int4"}, "unknown --quantize"),
-    ({"calib": "calib/"}, "go with --prune or --quantize"),
+    ({"calib": "calib/"}, "go with --prune, --quantize or --precision int8 | auto"),
     ({"quantize": "int8", "max_drop": -1}, "negative"),
 ])
 def test_bad_options(kwargs, words):

@@ -111,3 +111,34 @@ def test_runtime_bundle_is_small_and_runs_a_package(arm_pkgs, tmp_path):
     proc = emulate.run_python(emulate.prepare_rootfs(), work, "go.py", ["check", "pkg.edgepkg", "--json"], qemu_cpu="cortex-a72")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["passed"]
+
+
+def test_rpi5_fp16_package_keeps_its_contract_on_the_emulated_cortex_a76(tmp_path):
+    """--precision fp16 on a +fullfp16 core: half-precision arithmetic in the code (NEON .4h / .8h ops), fp32 in and out,
+    and the package meets its stored contract (cosine >= 0.999, top-1) on the emulated device; tightened past what
+    it meets, the same package fails verify."""
+    import re
+
+    pkg = api.build("zoo:kws-cnn", "rpi5", tmp_path / "kws-fp16.edgepkg", precision="fp16").path
+    manifest = json.loads(zipfile.ZipFile(pkg).read("manifest.json"))
+    assert manifest["precision"]["contract"] == {"tolerance": 1e-2, "min_cosine": 0.999, "min_top1": 1.0, "top1_outputs": ["logits"]}
+    assert manifest["backend"]["precision"]["compute"] == "fp16"
+    so = tmp_path / "model.so"
+    so.write_bytes(zipfile.ZipFile(pkg).read("model.so"))
+    asm = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(so)], capture_output=True, text=True).stdout
+    assert re.search(r"\bf(add|mul|max|maxnm|mla)\s+v\d+\.[48]h", asm), "no fp16 vector arithmetic in the code"
+    result = verify(pkg)
+    assert result["passed"] and not result["illegal_instruction"], result
+    assert result["cosine_min"] >= 0.999 and result["rel_max_abs"] <= 1e-2
+    assert result["rel_max_abs"] > 0  # it did compute in half precision (fp32 code matches to ~1e-7)
+    tight = tmp_path / "tight.edgepkg"
+    with zipfile.ZipFile(pkg) as z, zipfile.ZipFile(tight, "w", zipfile.ZIP_DEFLATED) as out:
+        for name in z.namelist():
+            data = z.read(name)
+            if name == "manifest.json":
+                m = json.loads(data)
+                m["precision"]["contract"]["tolerance"] = result["rel_max_abs"] / 10
+                data = json.dumps(m).encode()
+            out.writestr(name, data)
+    failed = verify(tight)
+    assert not failed["passed"] and "of the output scale > tolerance" in failed["problem"]

@@ -34,16 +34,25 @@ def test_every_build_option_is_a_recipe_field():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"fp16": True}, "--fp16 is for NVIDIA GPU targets"),
-    ({"target": "cuda-sm90", "fp16": True, "quantize": "int8"}, "--fp16 does not combine with --prune / --quantize"),
+    ({"fp16": True, "target": "x86_64"}, "target x86_64 cannot run fp16: edgellm's fp16 is for NVIDIA GPUs and arm64 cores"),
+    ({"precision": "fp16", "target": "rpi4"}, r"target rpi4 cannot run fp16: its core lacks fp16 arithmetic"),
+    ({"precision": "fp16", "target": "arm64"}, r"target arm64 cannot run fp16"),
+    ({"target": "cuda-sm90", "fp16": True, "quantize": "int8"}, "--precision fp16 does not combine with --quantize int8"),
+    ({"target": "rpi5", "precision": "fp16", "prune": 0.3}, "--precision fp16 does not combine with --prune"),
+    ({"target": "rpi5", "precision": "fp16", "tune": 4}, "--tune / --tuning-db do not combine with --precision fp16"),
+    ({"fp16": True, "precision": "int8"}, "--fp16 is --precision fp16; --precision int8 was given too"),
+    ({"precision": "auto", "quantize": "int8"}, "--precision auto does not combine with --quantize int8"),
+    ({"precision": "int8", "quantize": "int8-weights"}, "--precision int8 is --quantize int8, not --quantize int8-weights"),
+    ({"target": "x86_64-amx", "precision": "bf16", "backend": "tvm"}, "the tvm backend has no bf16 for x86_64-amx .*--backend openvino"),
     ({"quantize": "int4"}, "unknown --quantize 'int4'"),
     ({"prune": 1.5}, "--prune 1.5 is not between 0 and 1"),
-    ({"calib": "random"}, "--calib, --eval and --max-drop go with --prune or --quantize"),
+    ({"calib": "random"}, "--calib, --eval and --max-drop go with --prune, --quantize or --precision int8 | auto"),
     ({"finetune": "x.py:f"}, "--finetune goes with --prune"),
     ({"backend": "onnxruntime"}, "unknown backend 'onnxruntime'"),
     ({"target": "arm64", "backend": "openvino"}, "target arm64 does not allow backend 'openvino'"),
     ({"target": "x86_64", "backend": "openvino", "tune": 4}, "--tune / --tuning-db apply to the TVM backend"),
-    ({"precision": "bf16"}, "unknown precision 'bf16'"),
+    ({"precision": "bf16", "target": "x86_64"}, "target x86_64 cannot run bf16: its CPU features lack avx512_bf16 / amx_bf16"),
+    ({"precision": "fp8"}, "unknown precision 'fp8'"),
     ({"target": "no-such-board"}, "unknown target 'no-such-board'"),
     ({"input_shapes": ["x=1xbad"]}, "cannot read --input-shape"),
 ])
@@ -59,7 +68,7 @@ def test_replace_and_overrides_keep_the_rest():
     assert (r2.source, r2.target, r2.quantize, r2.calib, r2.tolerance) == ("zoo:mobilenet-v2", "x86_64", "int8", "random", 1e-3)
     assert make("zoo:kws-cnn", r)[0] is r
     with pytest.raises(EdgeError, match="--calib, --eval and --max-drop go with"):
-        r.replace(quantize=None)  # validated again, as a whole
+        r.replace(quantize=None, precision="fp32")  # validated again, as a whole (precision int8 alone would bring int8 back)
 
 
 def test_a_finetune_function_is_recorded_by_name_and_must_be_given_again():
@@ -93,3 +102,21 @@ def test_load_reads_a_manifest_or_a_recipe_json_with_changes(tmp_path):
     (tmp_path / "pre.json").write_text(json.dumps({"format_version": 1, "recipe": None}))
     with pytest.raises(EdgeError, match="holds no build recipe"):
         Recipe.load(tmp_path / "pre.json")
+
+
+def test_int8_is_one_concept_with_two_spellings():
+    """--quantize int8 and --precision int8 make the same recipe; --fp16 is --precision fp16."""
+    assert make("zoo:kws-cnn", "x86_64", quantize="int8", calib="random")[0] == make("zoo:kws-cnn", "x86_64", precision="int8", calib="random")[0]
+    r = make("zoo:kws-cnn", "x86_64", precision="int8", calib="random")[0]
+    assert (r.precision, r.quantize) == ("int8", "int8")
+    assert make("zoo:kws-cnn", "rpi5", fp16=True)[0].precision == "fp16"
+
+
+def test_precision_picks_the_backends_that_run_it():
+    amx = make("zoo:kws-cnn", "x86_64-amx", precision="bf16")[0]
+    assert amx.candidates() == ["openvino"]  # the target's default is tvm, which has no bf16
+    assert make("zoo:kws-cnn", "x86_64", precision="auto")[0].trials() == [
+        ("tvm", "fp32"), ("openvino", "fp32"), ("tvm", "int8"), ("openvino", "int8")]
+    assert ("openvino", "bf16") in make("zoo:kws-cnn", "x86_64-amx", precision="auto")[0].trials()
+    assert make("zoo:kws-cnn", "rpi5", precision="auto")[0].trials() == [("tvm", "fp32"), ("tvm", "fp16"), ("tvm", "int8")]
+    assert make("zoo:kws-cnn", "rpi4", precision="auto")[0].trials() == [("tvm", "fp32"), ("tvm", "int8")]

@@ -59,13 +59,18 @@ def schedule_rules():
     ]
 
 
-def pre_schedule_passes(target: "tvm.target.Target") -> list:
-    """Everything before the schedule rules: what the rules (and MetaSchedule tuning) see."""
+def pre_schedule_passes(target: "tvm.target.Target", precision: str = "fp32") -> list:
+    """Everything before the schedule rules: what the rules (and MetaSchedule tuning) see.
+
+    ``precision`` "fp16": TVM's ToMixedPrecision after the fp32 graph rewrites (BN folding and the NHWC
+    layout match fp32 graphs), so convs and matmuls read fp16 and accumulate in fp32 (the rules' float
+    outputs), elementwise ops run in fp16, and the inputs and outputs stay fp32."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    from .relax_passes import layout_passes
+    from .relax_passes import layout_passes, layout_passes_fp16
 
-    return cpu_generic.library_dispatch_passes(target) + [layout_passes] + cpu_generic.legalize_passes(target)
+    layout = layout_passes_fp16 if precision == "fp16" else layout_passes
+    return cpu_generic.library_dispatch_passes(target) + [layout] + cpu_generic.legalize_passes(target)
 
 
 def vm_lower_passes(target: "tvm.target.Target") -> list:
@@ -88,12 +93,14 @@ def vm_lower_passes(target: "tvm.target.Target") -> list:
     return passes
 
 
-def pipeline(target: "tvm.target.Target", before_rules: list | tuple = (), rules: list | None = None) -> "tvm.transform.Pass":
+def pipeline(target: "tvm.target.Target", before_rules: list | tuple = (), rules: list | None = None,
+             precision: str = "fp32") -> "tvm.transform.Pass":
     """A Relax->VM pipeline usable as tvm.compile(mod, target, relax_pipeline=pipeline(target)).
 
     ``before_rules``: passes that schedule some functions first (e.g. a tuning database);
     the rules then take what is left unscheduled. ``rules``: the schedule rules [default:
-    ``schedule_rules()``; edgellm's build uses ``tvm_int8.schedule_rules()``, the int8 rules first]."""
+    ``schedule_rules()``; edgellm's build uses ``tvm_int8.schedule_rules()``, the int8 rules first].
+    ``precision``: fp32, or fp16 (``pre_schedule_passes``)."""
     from .apply import ApplyVerifiedSchedule
 
     if not isinstance(target, tvm.target.Target):
@@ -103,7 +110,7 @@ def pipeline(target: "tvm.target.Target", before_rules: list | tuple = (), rules
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                pre_schedule_passes(target)
+                pre_schedule_passes(target, precision)
                 + list(before_rules)
                 + [ApplyVerifiedSchedule(*(schedule_rules() if rules is None else rules))]
                 + vm_lower_passes(target)

@@ -43,11 +43,11 @@ def schedule_rules() -> list:
     return [*int8_rules(), *fp32_rules()]
 
 
-def pipeline(target, before_rules: list | tuple = ()):
+def pipeline(target, before_rules: list | tuple = (), precision: str = "fp32"):
     """tvm_cpu's pipeline with ``schedule_rules()``: what ``--pipeline edgellm`` compiles with."""
     from edgellm.backends.tvm_cpu import pipeline as cpu_pipeline
 
-    return cpu_pipeline(target, before_rules, rules=schedule_rules())
+    return cpu_pipeline(target, before_rules, rules=schedule_rules(), precision=precision)
 
 
 def _arm_isa(target) -> str:

@@ -46,7 +46,7 @@ def test_fp16_graph_keeps_cosine_0999_with_fp32(name):
 
 
 def test_fp16_is_refused_for_cpu_targets(tmp_path):
-    with pytest.raises(EdgeError, match="--fp16 is for NVIDIA GPU targets; x86_64 is a CPU target"):
+    with pytest.raises(EdgeError, match="target x86_64 cannot run fp16: edgellm's fp16 is for NVIDIA GPUs and arm64 cores"):
         api.build("zoo:kws-cnn", "x86_64", tmp_path / "k.edgepkg", fp16=True)
     assert not list(tmp_path.iterdir())
 
