@@ -247,6 +247,39 @@ def _rewrite_conv1d(func):
     return rewrite_call(pattern, rewriter, func)
 
 
+def _rewrite_one_hot_matmul(func):
+    """``matmul(astype(equal(i[..., 1], arange(K)), f32), W[K, N])`` (a one-hot embedding) -> ``take(W', i)``,
+    W' = W with a zero row K where out-of-range indices go (the one-hot row is all zeros there).
+
+    magika embeds 2048 bytes this way: a 2048 x 257 one-hot tensor and a 257-deep matmul, 2 ms of its 11."""
+    a, c, w = wildcard(), is_const(), is_const()
+    pattern = is_op("relax.matmul")(is_op("relax.astype")(is_op("relax.equal")(a, c)), w)
+
+    def rewriter(expr, matches):
+        at, ys = getattr(matches[a], "ty", None), getattr(expr, "ty", None)
+        if not isinstance(at, relax.TensorType) or not isinstance(ys, relax.TensorType) or ys.dtype != "float32" \
+                or not str(at.dtype).startswith("int") or at.ndim < 1:
+            return expr
+        classes, weight = _const_np(matches[c]), _const_np(matches[w])
+        if weight.ndim != 2 or str(weight.dtype) != "float32" or classes.ndim != at.ndim:
+            return expr
+        k = weight.shape[0]
+        if classes.shape[-1] != k or classes.size != k or not np.array_equal(classes.reshape(-1), np.arange(k)):
+            return expr
+        try:
+            if int(at.shape[at.ndim - 1]) != 1:
+                return expr
+        except (TypeError, ValueError):
+            return expr
+        idx = relax.op.squeeze(matches[a], [at.ndim - 1])
+        ok = relax.op.logical_and(relax.op.greater_equal(idx, relax.const(0, at.dtype)), relax.op.less(idx, relax.const(k, at.dtype)))
+        idx = relax.op.where(ok, idx, relax.const(k, at.dtype))
+        padded = np.concatenate([weight, np.zeros((1, weight.shape[1]), np.float32)])
+        return relax.op.take(relax.const(padded), idx, axis=0)
+
+    return rewrite_call(pattern, rewriter, func)
+
+
 def _rewrite_patch_conv_transpose(func):
     """NCHW/IOHW conv2d_transpose whose kernel equals its stride (no overlap, no padding: DBNet's 2x2 stride-2
     upsampling) -> ``matmul(x_nhwc, w[C, kh*kw*O])`` and a depth-to-space reshape/transpose, back to NCHW.
@@ -362,6 +395,7 @@ def _compose_permutes(func):
 fold_bn_numpy = _function_pass(_fold_bn_numpy, "EdgeFoldBatchNorm")
 decompose_sigmoid = _function_pass(_rewrite_sigmoid, "EdgeDecomposeSigmoid")
 patch_conv_transpose = _function_pass(_rewrite_patch_conv_transpose, "EdgePatchConvTranspose")
+one_hot_matmul_to_take = _function_pass(_rewrite_one_hot_matmul, "EdgeOneHotMatmulToTake")
 conv1d_to_conv2d = _function_pass(_rewrite_conv1d, "EdgeConv1dToConv2d")
 conv_nhwc_local = _function_pass(_rewrite_conv_nhwc_local, "EdgeConvNHWCLocal")
 compose_permutes = _function_pass(_compose_permutes, "EdgeComposePermutes")
@@ -405,6 +439,7 @@ def layout_passes(mod, _ctx):
         decompose_gelu,
         decompose_sigmoid,
         relax.transform.FastMathTransform(),
+        one_hot_matmul_to_take,
         conv1d_to_conv2d,
     ]
     for step in steps:
