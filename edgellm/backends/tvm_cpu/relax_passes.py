@@ -463,7 +463,6 @@ def layout_passes(mod, _ctx):
         # vectorizable polynomial exp / erf / tanh (softmax, gelu): the llvm intrinsics
         # become scalar libm calls (~7 ns / element)
         decompose_gelu,
-        decompose_sigmoid,
         softmax_axis_last,
         relax.transform.FastMathTransform(),
         one_hot_matmul_to_take,
@@ -498,4 +497,8 @@ def layout_passes(mod, _ctx):
             mod = pad_out_channels(mod)
         except Exception:  # pylint: disable=broad-except
             pass
+    try:  # after ConvertLayout: FastMath's fast_exp is a call_tir that ConvertLayout would wrap in transposes
+        mod = relax.transform.FastMathTransform()(decompose_sigmoid(mod))
+    except Exception:  # pylint: disable=broad-except
+        pass
     return mod
