@@ -4,11 +4,14 @@
   decomposition of any BatchNorm left for inference).
 * ``clip(x, lo, hi)`` -> ``minimum(maximum(x, lo), hi)``: ConvertLayout has no layout
   rule for ``clip`` (ReLU6) and would wrap every ReLU6 in two transposes.
-* gelu and sigmoid decomposition + ``FastMathTransform``: fast (polynomial, vectorizable) exp,
-  erf, tanh, softmax instead of scalar libm calls.
+* gelu decomposition + ``FastMathTransform``: fast (polynomial, vectorizable) exp, erf,
+  tanh, softmax instead of scalar libm calls; sigmoid as ``1 / (1 + exp(-x))`` the same way,
+  after ConvertLayout (so that SiLU stays in the conv's epilogue).
+* softmax over a non-last axis moved last; a one-hot embedding matmul as a ``take``.
 * NHWC/HWIO conv2d via ``ConvertLayout`` + ``FoldConstant`` (weights are constants, so
-  the HWIO transpose is folded at compile time); then 1x1 stride-1 convs as
-  ``matmul(x[N, H, W, C], w[C, O])`` (no zero-width pad copy).
+  the HWIO transpose is folded at compile time); a kernel == stride conv2d_transpose as a
+  matmul + depth-to-space; then 1x1 stride-1 convs as ``matmul(x[N, H, W, C], w[C, O])``
+  (no zero-width pad copy); conv / matmul output channels padded to whole vectors.
 """
 
 from __future__ import annotations
