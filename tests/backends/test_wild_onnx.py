@@ -245,3 +245,50 @@ def test_a_conv_with_output_channels_off_the_vector_width_is_padded_and_matches_
     x = np.random.default_rng(9).standard_normal((1, 1, 96)).astype(np.float32)
     ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(runtime.load(result.path).run(x=x)["y"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_yolo_and_dbnet_heads_are_rewritten_and_match_onnx_runtime(tmp_path):
+    """SiLU's sigmoid as fast exp, the 18-class 1x1 conv padded to whole vectors, the axis-1 softmax moved last, the
+    2x2 stride-2 ConvTranspose as a matmul + depth-to-space: the layout passes leave none of the slow forms."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgellm import api, runtime
+    from edgellm.backends.tvm_cpu.relax_passes import layout_passes
+
+    model = tiny.yolo_head(tmp_path / "head.onnx")
+    with tvm.target.Target("llvm"):
+        script = layout_passes(from_onnx(onnx.load(str(model)), keep_params_in_input=False)).script()
+    assert "R.sigmoid" not in script and "conv2d_transpose" not in script and "axis=1)" not in script.split("softmax")[-1][:40]
+
+    result = api.build(str(model), "host", tmp_path / "head.edgepkg", backend="tvm")
+    assert result.manifest["verification"]["status"] == "passed"
+    x = np.random.default_rng(9).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    refs = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = runtime.load(result.path).run(x=x)
+    for name, ref in zip(("cls", "dfl", "prob"), refs):
+        np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_a_one_hot_matmul_is_a_gather_and_out_of_range_indices_give_zeros(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgellm import api, runtime
+    from edgellm.backends.tvm_cpu.relax_passes import layout_passes
+
+    model = tiny.one_hot_embedding(tmp_path / "emb.onnx")
+    script = layout_passes(from_onnx(onnx.load(str(model)), keep_params_in_input=False)).script()
+    assert "R.take(" in script and "R.matmul(" not in script
+
+    result = api.build(str(model), "host", tmp_path / "emb.edgepkg", backend="tvm")
+    assert result.manifest["verification"]["status"] == "passed"
+    b = np.array([[0, 1, 255, 256, 257, -1, 1000, -300, 7, 8, 9, 128]], np.int32)
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"bytes": b})[0]
+    np.testing.assert_allclose(runtime.load(result.path).run(bytes=b)["y"], ref, rtol=1e-6, atol=1e-6)
+    assert not ref[0, 4:8].any()

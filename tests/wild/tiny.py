@@ -146,3 +146,39 @@ def stft_conv(path):
              h.make_node("Add", ["re2", "im2"], ["y"])]
     return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 1, 96])], [h.make_tensor_value_info("y", T.FLOAT, [1, 9, 11])],
                  inits, path)
+
+
+def yolo_head(path):
+    """A YOLOv8 / DBNet head: Conv -> SiLU (Sigmoid * x) -> 1x1 convs to 18 classes and to 16 x 2 DFL bins (Softmax over
+    axis 1), and a 2x2 stride-2 ConvTranspose to 1 channel -> Sigmoid (DBNet's probability map)."""
+    rng = np.random.default_rng(10)
+    inits = [nh.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("wc", (18, 8, 1, 1)), ("wd", (32, 8, 1, 1)), ("wt", (8, 1, 2, 2)))]
+    inits.append(nh.from_array(np.array([1, 16, 2, 64], np.int64), "shape"))
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             h.make_node("Sigmoid", ["a"], ["s"]),
+             h.make_node("Mul", ["a", "s"], ["f"]),
+             h.make_node("Conv", ["f", "wc"], ["cls"]),
+             h.make_node("Conv", ["f", "wd"], ["d"]),
+             h.make_node("Reshape", ["d", "shape"], ["d2"]),
+             h.make_node("Softmax", ["d2"], ["dfl"], axis=1),
+             h.make_node("ConvTranspose", ["f", "wt"], ["t"], strides=[2, 2]),
+             h.make_node("Sigmoid", ["t"], ["prob"])]
+    outs = [h.make_tensor_value_info("cls", T.FLOAT, [1, 18, 8, 8]), h.make_tensor_value_info("dfl", T.FLOAT, [1, 16, 2, 64]),
+            h.make_tensor_value_info("prob", T.FLOAT, [1, 1, 16, 16])]
+    return _save(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 16, 16])], outs, inits, path)
+
+
+def one_hot_embedding(path):
+    """magika's byte embedding: Equal(bytes[..., None], arange(257)) -> Cast -> MatMul(W[257, 16]); a byte outside
+    0..256 (magika's padding value is 256; anything else) gets an all-zero one-hot row."""
+    rng = np.random.default_rng(11)
+    inits = [nh.from_array(np.arange(257, dtype=np.int32).reshape(1, 1, 257), "classes"),
+             nh.from_array((rng.standard_normal((257, 16)) * 0.3).astype(np.float32), "w"),
+             nh.from_array(np.array([1, 12, 1], np.int64), "shape")]
+    nodes = [h.make_node("Reshape", ["bytes", "shape"], ["b"]),
+             h.make_node("Equal", ["b", "classes"], ["eq"]),
+             h.make_node("Cast", ["eq"], ["oh"], to=T.FLOAT),
+             h.make_node("MatMul", ["oh", "w"], ["y"])]
+    return _save(nodes, [h.make_tensor_value_info("bytes", T.INT32, [1, 12])], [h.make_tensor_value_info("y", T.FLOAT, [1, 12, 16])],
+                 inits, path)

@@ -14,7 +14,8 @@ dataflow lowering, finalize) plus
 
   ``Matmul`` (matmul.py), ``ConvNHWC`` (conv.py), ``DepthwiseNHWC`` (depthwise.py),
   ``Pooling`` (reduction.py), ``Elementwise`` (elementwise.py), ``RowReduction``
-  (reduction.py, softmax / layer norm), dlight.cpu ``GEMV`` and ``Reduction``, and
+  (reduction.py, softmax / layer norm), ``InlinedRowReduction`` (reduction.py: injective blocks
+  then one innermost-axis reduction), dlight.cpu ``GEMV`` and ``Reduction``, and
   ``ParallelFallback`` (elementwise.py);
 * in the VM lowering (``vm_lower_passes``, vm_passes.py): reshapes between kernels folded into
   the kernels as views, and no kill calls -- the VM's own work per call on a 0.1 ms model.
@@ -45,7 +46,7 @@ def schedule_rules():
     from .depthwise import DepthwiseNHWC
     from .elementwise import Elementwise, ParallelFallback
     from .matmul import Matmul
-    from .reduction import Pooling, RowReduction
+    from .reduction import InlinedRowReduction, Pooling, RowReduction
 
     return [
         Matmul(),
@@ -54,6 +55,7 @@ def schedule_rules():
         Pooling(),
         Elementwise(),
         RowReduction(),
+        InlinedRowReduction(),
         dlight.cpu.GEMV(),
         ParallelFallback(),
     ]
