@@ -321,6 +321,11 @@ def pack_vector_operand(sch, block, tile: TileInfo, core, n: int, m: int, width:
     ndim = len(shape)
     sch.transform_layout(packed, ("write", 0), tirx.IndexMap.from_func(
         lambda *ix: (ix[-1] // width, *ix[:-1], ix[-1] % width), ndim=ndim))
+    if buf in func_output_buffers(sch.mod["main"]):
+        # a parameter (a weight, when the model binds its weights as constants): Relax's
+        # SplitLayoutRewritePreproc moves this block into a function of its own, which FoldConstant
+        # then runs at compile time (see ``weight_prepack_passes``)
+        sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", True)
     return packed
 
 

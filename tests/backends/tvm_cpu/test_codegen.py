@@ -180,3 +180,28 @@ def test_avx2_tile_prefers_rows():
 
     assert choose_tile(1024, 1024, 8, 16) == (8, 2, 4)
     assert choose_tile(1024, 1024, 16, 32) == (16, 4, 4)  # AVX-512: unchanged 4x4
+
+
+def test_constant_weight_is_packed_at_compile_time():
+    """The pack of a constant weight is split out of the kernel and folded: main calls only the prepacked kernel,
+    on a constant already in [N/w, K, w] layout, and the result still matches torch."""
+    import numpy as np
+
+    from edgellm.backends.tvm_cpu import pre_schedule_passes, schedule_rules, weight_prepack_passes
+    from edgellm.backends.tvm_cpu.apply import ApplyVerifiedSchedule
+
+    target = tvm.target.Target(AVX2)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 512), torch.nn.ReLU()).eval()
+    x = torch.randn(128, 1024)
+    with target:
+        mod = tvm.transform.Sequential(pre_schedule_passes(target) + [ApplyVerifiedSchedule(*schedule_rules())]
+                                       + weight_prepack_passes())(to_relax(model, x))
+    names = [gv.name_hint for gv in mod.functions]
+    assert any(n.endswith("_prepacked") for n in names) and not any("weight_prepack" in n for n in names), names
+    kernel = next(f for gv, f in mod.functions_items() if gv.name_hint.endswith("_prepacked"))
+    assert any(len(p.shape) == 3 and int(p.shape[1]) == 1024 for p in kernel.params), kernel.params
+    from tvm_cpu_helpers import HOST_AVX2, run
+    if HOST_AVX2:
+        ex = compile_model(model, x, AVX2)
+        with torch.no_grad():
+            np.testing.assert_allclose(run(ex, x), model(x).numpy(), rtol=1e-4, atol=1e-4)
