@@ -74,8 +74,9 @@ def weight_prepack_passes() -> list:
     otherwise); with weights as inputs the pack stays a kernel that runs each call."""
     from tvm import relax
 
-    return [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
-            relax.transform.DeadCodeElimination()]
+    from .apply import SplitWeightPrepack
+
+    return [SplitWeightPrepack, relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
 
 
 def vm_lower_passes(target: "tvm.target.Target") -> list:
