@@ -16,11 +16,15 @@ dataflow lowering, finalize) plus
   ``Pooling`` (reduction.py), ``Elementwise`` (elementwise.py), ``RowReduction``
   (reduction.py, softmax / layer norm), dlight.cpu ``GEMV`` and ``Reduction``, and
   ``ParallelFallback`` (elementwise.py);
+* after the rules (``weight_prepack_passes``): the weight copies into contiguous column panels that the
+  matmul / conv rules add (``_common.pack_vector_operand``) are split into functions of their own and
+  folded at compile time when the weight is a constant;
 * in the VM lowering (``vm_lower_passes``, vm_passes.py): reshapes between kernels folded into
   the kernels as views, and no kill calls -- the VM's own work per call on a 0.1 ms model.
 
 Vector width comes from the target (``target_info.vector_lanes``): AVX-512 16 fp32 lanes,
-AVX2 8, NEON 4.  Threads: outer loops are ``parallel``; the TVM runtime uses
+AVX2 8, NEON 4; register count, FMA units/latency and L1d/L2 sizes from ``target_info.core_info``
+(data per ``mcpu``, sysfs for ``native``).  Threads: outer loops are ``parallel``; the TVM runtime uses
 ``TVM_NUM_THREADS``.
 """
 
