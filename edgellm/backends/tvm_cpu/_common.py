@@ -16,7 +16,7 @@ from tvm.s_tir.dlight.base import get_extent
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.sym.pattern import detect_linear_equation
 
-from .target_info import num_vector_registers, vector_bits
+from .target_info import core_info
 
 #: below this many output elements an injective loop nest is not parallelized
 #: (a TVM parallel region costs a few microseconds to launch).
@@ -266,7 +266,11 @@ class TileInfo:
 
 
 def choose_tile(n: int, m: int, lanes: int, nregs: int, max_mr: int = 8, max_nv: int = 4):
-    """Pick (vl, nv, mr): vector lanes, vectors per tile row, rows per tile."""
+    """Pick (vl, nv, mr): vector lanes, vectors per tile row, rows per tile.
+
+    Most accumulators that fit the register file (mr*nv + nv B vectors + 1 broadcast), then the
+    fewest loads per FMA (mr + nv); between transposed shapes (4x2 / 2x4) more rows: the B panel
+    streams from L2 while the A element is a broadcast, so rows cost fewer bytes per FMA."""
     vl = lanes if n % lanes == 0 else largest_pow2_divisor(n, lanes // 2, floor=4)
     if vl is None:
         raise NotApplicable("vector extent not divisible")
@@ -277,12 +281,52 @@ def choose_tile(n: int, m: int, lanes: int, nregs: int, max_mr: int = 8, max_nv:
         for mr in range(max_mr, 0, -1):
             if m % mr or mr * nv + nv + 1 > nregs:
                 continue
-            key = (mr * nv, -(mr + nv), nv)
+            key = (mr * nv, -(mr + nv), mr)
             if best is None or key > best[0]:
                 best = (key, nv, mr)
     if best is None:
         raise NotApplicable("no tile")
     return vl, best[1], best[2]
+
+
+#: a packed panel must be shared by at least this many row tiles: packing reads the panel once
+#: (strided) and writes it once, about two row tiles' worth of the unpacked kernel's traffic; a
+#: GEMV (1 row tile) never packs. ResNet-18's layer4 (7x7 output, 7 row tiles a panel): 1.9x.
+PACK_MIN_REUSE = 4
+
+
+def pack_vector_operand(sch, block, tile: TileInfo, core, n: int, m: int, width: int, mr: int):
+    """Copy the one operand indexed by the vector dim (the weight) into contiguous column panels
+    ``[n / width, ..., width]`` (a parallel pass before the kernel), so that the inner loop reads
+    ``width`` floats a step from one stream instead of a row ``n`` floats apart: a 4 KiB stride for
+    ``n = 1024`` aliases L1 sets and touches a new page each step (GotoBLAS's packed B).
+
+    Only when it pays: more than one column panel, a panel too big to stay in L1 unpacked (half
+    of L1d, the other half for A and C), and >= PACK_MIN_REUSE row tiles sharing each panel
+    (a GEMV reads its weight once: packing would double its memory traffic). Returns the pack
+    block or None."""
+    stmt = sch.get(block)
+    idx = [i for i, r in enumerate(stmt.reads) if any(uses_var(x.min, tile.vec.var) for x in r.region)]
+    if len(idx) != 1 or n <= width:
+        return None
+    region = stmt.reads[idx[0]]
+    buf = region.source
+    shape = [int(x) for x in buf.shape]
+    panel_bytes = prod(shape) // n * width * dtype_bits(buf.dtype) // 8
+    reuse = m // mr * prod(o.dom for o in tile.outer
+                           if not any(uses_var(r.min, o.var) for r in region.region))
+    if panel_bytes <= core.l1d // 2 or reuse < PACK_MIN_REUSE:
+        return None
+    packed = sch.cache_read(block, idx[0], "global")
+    ndim = len(shape)
+    sch.transform_layout(packed, ("write", 0), tirx.IndexMap.from_func(
+        lambda *ix: (ix[-1] // width, *ix[:-1], ix[-1] % width), ndim=ndim))
+    if buf in func_output_buffers(sch.mod["main"]):
+        # a parameter (a weight, when the model binds its weights as constants): Relax's
+        # SplitLayoutRewritePreproc moves this block into a function of its own, which FoldConstant
+        # then runs at compile time (see ``weight_prepack_passes``)
+        sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", True)
+    return packed
 
 
 def split_around_reduction(sch, block):
@@ -337,23 +381,25 @@ def vectorize_by(sch, loop, lanes: int) -> None:
 
 def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, max_mr=8, max_nv=4,
                              weight_outer=None, producers_at_tile=False,
-                             unroll_reduction=False):
+                             unroll_reduction=False, pack=False):
     """Register-tiled schedule of a reduction whose innermost output dim is vectorizable.
 
     Layout of the result: parallel(fused outer spatial x row tiles x vector tiles)
     -> reduction loops -> mr (unrolled) -> nv (unrolled) -> lanes (vectorized),
     accumulating into a local tile; epilogues are inlined into the vectorized write-back.
+    ``pack``: may copy the weight into contiguous column panels first (``pack_vector_operand``).
     """
     block = main_info.block_rv
     work = loop_work(sch, block)
-    lanes = max(vector_bits(target) // dtype_bits(tile.dtype), 1)
-    nregs = num_vector_registers(target)
+    core = core_info(target)
+    lanes = max(core.vector_bits // dtype_bits(tile.dtype), 1)
+    nregs = core.vector_registers
     n = tile.vec.dom
     m = tile.row.dom if tile.row is not None else 1
     # a single output row (GEMV-like, e.g. the classifier FC): more vectors per tile, so that
     # enough independent accumulator chains hide the FMA latency
     vl, nv, mr = choose_tile(n, m, lanes, nregs, max_mr=max_mr,
-                             max_nv=max(max_nv, 8) if m == 1 else max_nv)
+                             max_nv=max(max_nv, core.min_accumulators) if m == 1 else max_nv)
 
     # 1. inline intermediate epilogue blocks into their consumers
     producers, remaining = split_around_reduction(sch, block)
@@ -413,6 +459,8 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
                     else:
                         sch.vectorize(p_loops[-1])
 
+    packed = pack_vector_operand(sch, block, tile, core, n, m, nv * vl, mr) if pack else None
+
     # 4. annotations, then parallel, then decompose (order matters in 0.27)
     if unroll_reduction:
         for r in red:
@@ -427,7 +475,8 @@ def schedule_tiled_reduction(sch, func, target, main_info, tile: TileInfo, *, ma
     sch.decompose_reduction(block, red[0])
 
     # 5. everything else at root: separate parallel + vectorized loop nests
-    for b in [p for p in producers if not any(p.same_as(a) for a in at_tile)] + leftover:
+    for b in [p for p in producers if not any(p.same_as(a) for a in at_tile)] + leftover + (
+            [packed] if packed is not None else []):
         schedule_injective(sch, b, lanes)
     return sch
 

@@ -90,3 +90,52 @@ class ApplyVerifiedSchedule:  # pylint: disable=too-few-public-methods
         for gv, func in updated.items():
             mod[gv] = func
         return mod
+
+
+PREPACK_ATTR = "meta_schedule.layout_rewrite_preproc"
+
+
+def _prepack_blocks(func) -> list[str]:
+    """Names of the root-level blocks of ``func`` marked as weight packs."""
+    try:
+        sch = s_tir.Schedule(func)
+        return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))
+                if PREPACK_ATTR in sch.get(b).annotations]
+    except Exception:  # pylint: disable=broad-except
+        return []  # no root block (a hand-written kernel): nothing the rules marked
+
+
+def _strip_prepack(mod):
+    """``mod`` with the prepack marks removed (each pack stays inside its kernel, run per call)."""
+    out = tvm.IRModule({}, attrs=mod.attrs)
+    for gv, func in mod.functions_items():
+        names = _prepack_blocks(func) if isinstance(func, tirx.PrimFunc) else []
+        if names:
+            sch = s_tir.Schedule(func)
+            for n in names:
+                sch.unannotate(sch.get_sblock(n), PREPACK_ATTR)
+            func = sch.mod["main"]
+        out[gv] = func
+    return out
+
+
+@module_pass(opt_level=0, name="EdgeSplitWeightPrepack")
+def SplitWeightPrepack(mod, _ctx):  # pylint: disable=invalid-name
+    """Relax's ``SplitLayoutRewritePreproc`` on the weight packs the rules marked. That pass also walks every other
+    PrimFunc and rejects some (a root holding no block, e.g. a hand-written attention kernel), so it sees only the
+    Relax functions and the marked kernels; the rest are put back unchanged. Should it still fail, the packs stay
+    inside their kernels."""
+    marked = {gv for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and _prepack_blocks(f)}
+    if not marked:
+        return mod
+    sub = tvm.IRModule({gv: f for gv, f in mod.functions_items()
+                        if gv in marked or not isinstance(f, tirx.PrimFunc)}, attrs=mod.attrs)
+    try:
+        out = tvm.relax.transform.SplitLayoutRewritePreproc()(sub)
+    except Exception:  # pylint: disable=broad-except
+        debug_exception("SplitLayoutRewritePreproc", None)
+        return _strip_prepack(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and gv not in marked:
+            out[gv] = func
+    return out

@@ -32,4 +32,4 @@ class ConvNHWC(SafeRule):
         return schedule_tiled_reduction(sch, func, target, main, tile,
                                         # one output-channel tile: no reuse of a padded
                                         # input across tiles -> pad per tile, in cache
-                                        producers_at_tile="single_vector_tile")
+                                        producers_at_tile="single_vector_tile", pack=True)

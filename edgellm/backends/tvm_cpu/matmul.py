@@ -48,4 +48,4 @@ class Matmul(SafeRule):
         # exactly two operands; the left one must not carry the vector dim
         if len(tile.reads) < 2:
             return None
-        return schedule_tiled_reduction(sch, func, target, main, tile)
+        return schedule_tiled_reduction(sch, func, target, main, tile, pack=True)

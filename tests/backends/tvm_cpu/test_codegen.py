@@ -139,3 +139,69 @@ def test_unpadded_conv_has_no_pad_copy():
     funcs = _scheduled(model, torch.randn(1, 16, 17, 17), AVX512)
     conv = [f for n, f in funcs.items() if "conv2d" in n]
     assert conv and "pad_temp" not in conv[0].script()
+
+
+def test_core_info_per_mcpu_and_host():
+    """The core description the tiles come from: registers/width from the ISA, caches per mcpu, host from sysfs."""
+    from edgellm.backends.tvm_cpu.target_info import core_info, host_caches
+
+    v3, v4 = core_info(tvm.target.Target(AVX2)), core_info(tvm.target.Target(AVX512))
+    assert (v3.vector_bits, v3.vector_registers) == (256, 16)
+    assert (v4.vector_bits, v4.vector_registers) == (512, 32)
+    assert v3.l1d == 32 * 1024 and v3.l2 == 256 * 1024  # the smallest x86-64-v3 core (Haswell)
+    assert v3.min_accumulators >= 8
+    znver3 = core_info(tvm.target.Target({**AVX2, "mcpu": "znver3"}))
+    assert znver3.l2 == 512 * 1024 and znver3.vector_bits == 256
+    host = core_info(tvm.target.Target({**AVX2, "mcpu": "native"}))
+    l1d, l2 = host_caches()
+    assert host.l1d == (l1d or 32 * 1024) and host.l2 == (l2 or 256 * 1024)
+
+
+@pytest.mark.parametrize("target", [AVX512, AVX2], ids=["avx512", "avx2"])
+def test_large_matmul_packs_weight_panels_gemv_does_not(target):
+    """A 1024-wide weight is copied into contiguous [N/w, K, w] panels (reused by many row tiles); a single-row
+    matmul (GEMV: each weight element used once) reads the weight in place."""
+    from edgellm.backends.tvm_cpu.target_info import vector_lanes
+
+    lanes = vector_lanes(tvm.target.Target(target))
+    big = _scheduled(torch.nn.Linear(1024, 1024), torch.randn(256, 1024), target)
+    text = next(f.script() for n, f in big.items() if "matmul" in n)
+    width = re.search(r"T\.sblock_alloc_buffer\(\(T\.int64\((\d+)\), T\.int64\(1024\), T\.int64\((\d+)\)\)", text)
+    assert width, text
+    assert int(width.group(1)) * int(width.group(2)) == 1024 and int(width.group(2)) % lanes == 0
+    gemv = _scheduled(torch.nn.Linear(1024, 1024), torch.randn(1, 1024), target)
+    text = next(f.script() for n, f in gemv.items() if "matmul" in n)
+    assert "T.int64(1024), T.int64(" + str(lanes) not in text and text.count("sblock_alloc_buffer") <= 1, text
+
+
+def test_avx2_tile_prefers_rows():
+    """AVX2 (16 ymm): 8 accumulators as 4 rows x 2 vectors (6 loads per 8 FMAs, 16-float weight panel)."""
+    from edgellm.backends.tvm_cpu._common import choose_tile
+
+    assert choose_tile(1024, 1024, 8, 16) == (8, 2, 4)
+    assert choose_tile(1024, 1024, 16, 32) == (16, 4, 4)  # AVX-512: unchanged 4x4
+
+
+def test_constant_weight_is_packed_at_compile_time():
+    """The pack of a constant weight is split out of the kernel and folded: main calls only the prepacked kernel,
+    on a constant already in [N/w, K, w] layout, and the result still matches torch."""
+    import numpy as np
+
+    from edgellm.backends.tvm_cpu import pre_schedule_passes, schedule_rules, weight_prepack_passes
+    from edgellm.backends.tvm_cpu.apply import ApplyVerifiedSchedule
+
+    target = tvm.target.Target(AVX2)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 512), torch.nn.ReLU()).eval()
+    x = torch.randn(128, 1024)
+    with target:
+        mod = tvm.transform.Sequential(pre_schedule_passes(target) + [ApplyVerifiedSchedule(*schedule_rules())]
+                                       + weight_prepack_passes())(to_relax(model, x))
+    names = [gv.name_hint for gv in mod.functions]
+    assert any(n.endswith("_prepacked") for n in names) and not any("weight_prepack" in n for n in names), names
+    kernel = next(f for gv, f in mod.functions_items() if gv.name_hint.endswith("_prepacked"))
+    assert any(len(p.shape) == 3 and int(p.shape[1]) == 1024 for p in kernel.params), kernel.params
+    from tvm_cpu_helpers import HOST_AVX2, run
+    if HOST_AVX2:
+        ex = compile_model(model, x, AVX2)
+        with torch.no_grad():
+            np.testing.assert_allclose(run(ex, x), model(x).numpy(), rtol=1e-4, atol=1e-4)

@@ -140,3 +140,12 @@ def test_unpadded_conv():
     # padding 0: legalization's zero-width pad copy is inlined into the conv
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=0), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, padding=0))
     check_close(model, torch.randn(1, 16, 17, 17))
+
+
+@pytest.mark.parametrize("target", [AVX2, None], ids=["avx2", "host"])
+def test_packed_weight_matmul_and_conv(target):
+    """Shapes whose weights go through the packed-panel path (matmul 1024-wide, conv 7x7 / 14x14 with 256-512
+    channels, a residual epilogue) match torch."""
+    check_close(nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 384)), torch.randn(96, 512), target)
+    conv = nn.Sequential(nn.Conv2d(256, 512, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(512, 512, 3, padding=1))
+    check_close(conv, torch.randn(1, 256, 14, 14) * 0.1, target)
