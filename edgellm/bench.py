@@ -83,7 +83,7 @@ def _peers(src, traced, threads: int, workdir: Path, int8_samples: list[dict] | 
     return runners
 
 
-def _interleaved(runners: dict, feed: dict, runs: int, warmup: int, rounds: int = 5) -> dict[str, list[float]]:
+def _interleaved(runners: dict, feed: dict, runs: int, warmup: int, rounds: int = 5, wake_s: float | None = None) -> dict[str, list[float]]:
     """Each engine runs in short blocks, the blocks taking turns: drift in machine load hits every
     engine alike, while a block keeps one engine's thread pool warm and the others' spinning
     threads out of its way (per-call round-robin measures thread-pool wake-ups, not the engines)."""
@@ -94,7 +94,7 @@ def _interleaved(runners: dict, feed: dict, runs: int, warmup: int, rounds: int 
     per_block = max(1, runs // rounds)
     while min(len(v) for v in times.values()) < runs:
         for name, run in runners.items():
-            wake(lambda: run(feed))
+            wake(lambda: run(feed)) if wake_s is None else wake(lambda: run(feed), wake_s)
             for _ in range(min(per_block, runs - len(times[name]))):
                 t0 = time.perf_counter()
                 run(feed)
