@@ -90,8 +90,6 @@ def packing(target) -> Int8Kernel | None:
 
     _, _, mtriple = _attrs(target)
     if mtriple.startswith(("aarch64", "arm64")):
-        from .arm import has_dotprod
-
         return Int8Kernel(4, "int8", 127, "arm64 sdot (dot-product extension)" if has_dotprod(target)
                           else "arm64 NEON smull/sadalp (no dot-product extension)")
     bits = vector_bits(target)
@@ -104,6 +102,32 @@ def packing(target) -> Int8Kernel | None:
             return Int8Kernel(8, "uint8", 127, "avx-vnni vpdpbusd")
         return Int8Kernel(8, "uint8", 63, "avx2 vpmaddubsw + vpmaddwd (7-bit weights)")
     return None
+
+
+def is_aarch64(target) -> bool:
+    from edgellm.backends.tvm_cpu.target_info import _attrs
+
+    if target is None or target.kind.name != "llvm":
+        return False
+    return _attrs(target)[2].startswith(("aarch64", "arm64"))
+
+
+def has_dotprod(target) -> bool:
+    """True when the aarch64 target may use ``sdot`` (FEAT_DotProd).
+
+    Taken from TVM's ``feature.has_dotprod``, which LLVM derives from ``mcpu`` + ``mattr``
+    (``+dotprod``, a dot-product core such as cortex-a76 / neoverse-n1, ``+v8.4a``; ``-dotprod``
+    wins).  It must never be wrong the other way: LLVM aborts the process on an ``sdot`` it
+    cannot select, and a core without the extension dies of SIGILL."""
+    if not is_aarch64(target):
+        return False
+    feature = target.attrs.get("feature.has_dotprod", None)
+    if feature is not None:
+        return bool(feature)
+    from edgellm.backends.tvm_cpu.target_info import _attrs
+
+    mattr = _attrs(target)[1]
+    return "+dotprod" in mattr and "-dotprod" not in mattr
 
 
 def has_vnni(target) -> bool:

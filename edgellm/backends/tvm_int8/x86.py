@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 
-
 from edgellm.backends.tvm_cpu._common import NotApplicable, SafeRule
 from edgellm.backends.tvm_cpu.matmul import find_single_reduction
 
