@@ -486,6 +486,14 @@ def schedule_pass(target, kinds=tuple(KERNELS), par_min: int = PAR_MIN) -> tvm.t
             if kind is None or kind not in kinds or (func.attrs is not None and "edgellm.fast_attention" in func.attrs):
                 continue
             updated[gv] = fast_attention_func(kind, func, lanes, nregs, par_min).with_attr("edgellm.fast_attention", True)
+        for gv, func in mod.functions_items():
+            # the cache's attention kernels read q / k / v / pages and write output and lse, separate arrays: noalias
+            # is true of them, and without it TVM's codegen takes the alias information from the noalias kernels
+            # compiled before them (backends/tvm_cpu/vm_passes.py, MarkSingleBufferNoAlias)
+            func = updated.get(gv, func)
+            if isinstance(func, tirx.PrimFunc) and {"output", "lse"} <= {p.name for p in func.params} \
+                    and not (func.attrs is not None and func.attrs.get("tirx.noalias", False)):
+                updated[gv] = func.with_attr("tirx.noalias", True)
         for gv, func in updated.items():
             mod[gv] = func
         return mod

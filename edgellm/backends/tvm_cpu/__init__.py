@@ -98,7 +98,7 @@ def vm_lower_passes(target: "tvm.target.Target") -> list:
     anyway); each kill is a ``vm.builtin.null_value`` call per dead tensor and storage."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    from .vm_passes import DropKills, FoldReshapeIntoKernels
+    from .vm_passes import DropKills, FoldReshapeIntoKernels, MarkSingleBufferNoAlias
 
     passes = []
     for p in cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target):
@@ -107,7 +107,7 @@ def vm_lower_passes(target: "tvm.target.Target") -> list:
             passes.append(FoldReshapeIntoKernels)
         if p.info.name == "KillAfterLastUse":  # kept for its other job: it drops the `lv = alloc` aliases
             passes.append(DropKills)           # CallTIRRewrite leaves (each one a vm.builtin.copy call)
-    return passes
+    return passes + [MarkSingleBufferNoAlias]  # after VMShapeLower made the shape functions
 
 
 def pipeline(target: "tvm.target.Target", before_rules: list | tuple = (), rules: list | None = None,

@@ -87,3 +87,37 @@ def test_engine_feeds_through_views_and_returns_copies(tmp_path, model):
     np.testing.assert_array_equal(first, run(ex, x1))
     np.testing.assert_array_equal(second, run(ex, x2))
     assert not np.array_equal(first, second)
+
+
+def _fma_then_store(asm: str) -> int:
+    """Tile rows whose FMA results are stored before the next row's broadcast: an accumulator tile kept in
+    memory inside the k loop, not in registers (the write-back after the loop is followed by other stores)."""
+    import re
+
+    return len(re.findall(r"vfmadd231ps[^\n]*\n(?:[^\n]*vmovups\s+%ymm\d+, [^\n]*\n)+[^\n]*vbroadcastss", asm))
+
+
+def test_a_shape_function_does_not_take_the_kernels_registers():
+    """TVM 0.27's codegen gives the noalias kernels of a module "may alias" TBAA tags when a PrimFunc without
+    noalias comes after them (here the VM's shape function): the register tile of a matmul is then stored on
+    every k step (a language model's prefill at half speed). MarkSingleBufferNoAlias marks the single-buffer
+    function noalias, and the tile stays in registers."""
+    from tvm.script import tirx as T
+
+    from edgellm.backends.tvm_cpu.vm_passes import MarkSingleBufferNoAlias
+    from edgellm.llm import qlinear
+
+    @T.prim_func(s_tir=True)
+    def shape_func(H: T.Buffer((T.int64(2),), "int64")):
+        T.func_attr({"tirx.is_host_func": True})
+        H[T.int64(1)] = T.int64(2304) * H[T.int64(0)]
+
+    target = tvm.target.Target(AVX2)
+    kernel = qlinear.kernel("f32", 64, 64, None, target)  # M dynamic, as in prefill: GEMV below 6 rows, else the tile
+    mod = tvm.IRModule({"matmul": kernel.with_attr("global_symbol", "matmul"), "shape_func": shape_func})
+    mod = MarkSingleBufferNoAlias(mod)
+    assert mod["shape_func"].attrs["tirx.noalias"]
+    lib = tvm.compile(mod, target)
+    asm = (lib.mod if hasattr(lib, "mod") else lib).inspect_source("asm")
+    assert asm.count("vfmadd231ps") >= 12  # the 6 x 2 register tile
+    assert _fma_then_store(asm) == 0
