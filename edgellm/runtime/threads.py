@@ -25,6 +25,7 @@ SCHEMA = "edgellm.threads/1"
 # the fewest threads within this share of the fastest count is "best": the rest are noise on a busy machine,
 # and fewer threads leave cores for concurrent callers
 WITHIN = 0.05
+BLOCK_S = 0.25  # a timed block's length at one thread, at most (see measure)
 
 
 def counts(cores: int | None = None) -> list[int]:
@@ -52,10 +53,14 @@ def record(p50_ms: dict, work: str) -> dict:
 def measure(make_run: Callable[[int], Callable[[], object]], work: str, threads: list[int] | None = None, blocks: int = 6,
             per_block: int = 15, warmup: int = 5) -> dict:
     """Time one call at each thread count (``make_run(k)``: a zero-argument call using k threads), in alternating
-    blocks in this process (``profile.side_by_side``: drift hits every count alike), and return the record."""
-    from edgellm.runtime.profile import side_by_side
+    blocks in this process (``profile.side_by_side``: drift hits every count alike), and return the record. A slow
+    call gets shorter blocks (at least 3 calls; about BLOCK_S each at the fewest threads): MobileNet-V2 on 2 cores
+    takes 3 s in all, a 100 ms model would otherwise take 20 s per count."""
+    from edgellm.runtime.profile import side_by_side, time_runs
 
     runners = {k: make_run(k) for k in threads or counts()}
+    one_call = min(time_runs(runners[min(runners)], 2, warmup=1))  # the slowest count, warm
+    per_block = max(3, min(per_block, int(BLOCK_S / max(one_call, 1e-9))))
     return record(side_by_side(runners, blocks=blocks, per_block=per_block, warmup=warmup), work)
 
 
