@@ -66,9 +66,8 @@ def candidates(target, backends: list[str]) -> list[tuple[str, str]]:
     """(backend, precision) pairs ``--precision auto`` builds for ``target``: fp32 and int8 with every backend,
     bf16 / fp16 where the target has them; fp32 first (the reference the others are compared with)."""
     out = [(b, "fp32") for b in backends]
-    for precision in ("bf16", "fp16"):
-        checker = has_bf16 if precision == "bf16" else has_fp16
-        if checker(target):
+    for precision, target_has in (("bf16", has_bf16), ("fp16", has_fp16)):
+        if target_has(target):
             out += [(b, precision) for b in backends if b in backends_for(target, precision)]
     return out + [(b, "int8") for b in backends]
 

@@ -1,4 +1,4 @@
-"""int8 for edgellm's TVM backend: real integer arithmetic (u8 x s8 -> s32 on x86 AVX-512 VNNI).
+"""int8 for edgellm's TVM backend: real integer arithmetic (u8 x s8 -> s32 on x86, s8 x s8 on arm64).
 
     mod, info = quantize(mod, target, options, input_names)   # tvm.py, for --quantize int8
 
@@ -11,7 +11,8 @@
    channel packed as constants; each epilogue's dequantize ... requantize chain folded to one
    multiply-add + clamp;
 4. the usual pipeline with ``schedule_rules()``: ``int8_rules()`` first, then ``tvm_cpu``'s;
-   the int8 rules schedule the packed dense with VNNI (``x86.py``) or sdot (``arm.py``).
+   the int8 rules schedule the packed dense with ``vpdpbusd`` (VNNI) or ``vpmaddubsw`` (AVX2 /
+   AVX-512BW without VNNI; 7-bit weights) in ``x86.py``, or sdot / NEON (``arm.py``).
 
 Also (static mode) depthwise convs after an int8 dense or an fp32 conv read 8-bit activations with int8
 weights (f32 arithmetic, ``compute.depthwise_dq_te``), and (both modes) large embedding tables
@@ -27,7 +28,7 @@ from edgellm.errors import EdgeError
 
 
 def int8_rules() -> list:
-    """Schedule rules for the packed int8 dense: x86 AVX-512 VNNI and arm64 (sdot / NEON); each declines other targets."""
+    """Schedule rules for the packed int8 dense: x86 (AVX2 / AVX-512, VNNI where present) and arm64 (sdot / NEON); each declines other targets."""
     from .arm import arm_rules
     from .depthwise import DepthwiseU8X86
     from .schedule import Im2col
@@ -48,12 +49,6 @@ def pipeline(target, before_rules: list | tuple = (), precision: str = "fp32"):
     from edgellm.backends.tvm_cpu import pipeline as cpu_pipeline
 
     return cpu_pipeline(target, before_rules, rules=schedule_rules(), precision=precision)
-
-
-def _arm_isa(target) -> str:
-    from .arm import has_dotprod
-
-    return "sdot (dot-product extension)" if has_dotprod(target) else "NEON smull/sadalp (no dot-product extension)"
 
 
 def _is_transformer(mod) -> bool:
@@ -77,15 +72,15 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
 
     from edgellm.backends.tvm_cpu.relax_passes import layout_passes
 
-    from .compute import packing
+    from .compute import has_vnni, packing
     from .embedding import quantize_embeddings
     from .rewrite import activation_inputs, candidate, depthwise_after, rewrite
 
     pk = packing(tvm_target)
     if pk is None:
-        raise EdgeError(f"edgellm's TVM int8 needs AVX-512 VNNI (x86_64) or arm64; target {tvm_target.attrs.get('mcpu', '')} has neither",
-                        "build for --target x86_64-avx512 or arm64, or use --backend openvino for int8")
-    lanes, act_dtype = pk
+        raise EdgeError(f"edgellm's TVM int8 needs AVX2 or AVX-512 (x86_64) or arm64; target {tvm_target.attrs.get('mcpu', '')} has none",
+                        "build for --target x86_64 or arm64, or use --backend openvino for int8")
+    lanes, act_dtype = pk.lanes, pk.act_dtype
     transformer = _is_transformer(mod)  # before layout_passes (FastMath turns softmax into a call_tir)
     mode = options.get("int8_activations") or ("dynamic" if transformer else "static")
     if mode == "static" and options.get("calibration_given") is False:  # dynamic int8 needs no --calib
@@ -123,20 +118,19 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
     else:
         plan = {n: {"mode": "dynamic"} for n in chosen}
     rw_stats: dict = {}
-    new, done = rewrite(mod, plan, lanes, act_dtype, stats=rw_stats,
-                        # u8-input depthwise convs in integer arithmetic on x86 VNNI (depthwise.py; kws-cnn
+    new, done = rewrite(mod, plan, lanes, act_dtype, stats=rw_stats, weight_max=pk.weight_max,
+                        # u8-input depthwise convs in integer arithmetic on x86 AVX-512 VNNI (depthwise.py; kws-cnn
                         # 4.7 -> 3.1 us a conv on 2 threads); option int8_depthwise_int=False: the f32 kernel
-                        int_depthwise=options.get("int8_depthwise_int", True))
+                        int_depthwise=options.get("int8_depthwise_int", True) and lanes == 16 and has_vnni(tvm_target))
     n_int_dw = rw_stats.get("int_depthwise", 0)
     new, tables = quantize_embeddings(new)
-    isa = "avx512-vnni vpdpbusd" if lanes == 16 else "arm64 " + _arm_isa(tvm_target)
     info = {
         "mode": "int8", "method": "edgellm TVM int8 (Relax rewrite to packed int8 dense, post-training)",
-        "weights": "int8 symmetric, per output channel",
+        "weights": f"int{8 if pk.weight_max == 127 else 7} symmetric, per output channel",
         "activations": ("uint8" if act_dtype == "uint8" else "int8") + (
             " per tensor, asymmetric, min/max calibrated" if mode == "static" else " per row, symmetric, scale computed at run time (dynamic)"),
         "activation_mode": mode,
-        "compute": f"{act_dtype[0]}8 x s8 -> s32 ({isa}), dequantize + bias + activation fused in the epilogue",
+        "compute": f"{act_dtype[0]}8 x s8 -> s32 ({pk.isa}), dequantize + bias + activation fused in the epilogue",
         "layers_int8": len([k for k in done if k not in dw]),
         **({"depthwise_8bit_input": f"{len([k for k in done if k in dw])} of the depthwise convs read 8-bit activations "
                                     "and int8 per-channel weights (" + (

@@ -34,8 +34,8 @@ from tvm import ir, tirx
 
 from edgellm.backends.tvm_cpu._common import NotApplicable, SafeRule
 from edgellm.backends.tvm_cpu.matmul import find_single_reduction
-from edgellm.backends.tvm_cpu.target_info import _attrs
 
+from .compute import has_dotprod, is_aarch64
 from .schedule import schedule_packed_dense
 
 #: int32 lanes of a NEON register = output channels per weight tile
@@ -54,28 +54,6 @@ _REGISTERED: set = set()
 #: a buffer load (``tirx.BufferLoad`` is a constructor in 0.27; loads are ``ir.TensorLoad``
 #: whose ``source`` is the buffer)
 _Load = ir.expr.TensorLoad
-
-
-def is_aarch64(target) -> bool:
-    if target is None or target.kind.name != "llvm":
-        return False
-    return _attrs(target)[2].startswith(("aarch64", "arm64"))
-
-
-def has_dotprod(target) -> bool:
-    """True when the aarch64 target may use ``sdot`` (FEAT_DotProd).
-
-    Taken from TVM's ``feature.has_dotprod``, which LLVM derives from ``mcpu`` + ``mattr``
-    (``+dotprod``, a dot-product core such as cortex-a76 / neoverse-n1, ``+v8.4a``; ``-dotprod``
-    wins).  It must never be wrong the other way: LLVM aborts the process on an ``sdot`` it
-    cannot select, and a core without the extension dies of SIGILL."""
-    if not is_aarch64(target):
-        return False
-    feature = target.attrs.get("feature.has_dotprod", None)
-    if feature is not None:
-        return bool(feature)
-    mattr = _attrs(target)[1]
-    return "+dotprod" in mattr and "-dotprod" not in mattr
 
 
 def _register_intrinsics() -> None:

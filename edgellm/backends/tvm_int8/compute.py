@@ -23,6 +23,8 @@ FuseOps fuses into the same PrimFunc as prologue-free epilogue (see ``rewrite.py
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 #: the PrimFunc attribute that marks the packed int8 dense for the schedule rules
@@ -64,25 +66,72 @@ def pack_weight(w_nk: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(w_nk.reshape(n // lanes, lanes, k // 4, 4).transpose(0, 2, 1, 3))
 
 
-def packing(target) -> tuple[int, str] | None:
-    """(L, activation dtype) for an llvm target, or None when edgellm has no int8 kernel for it.
+class Int8Kernel(NamedTuple):
+    """What the packed dense looks like on a target: ``compute.packing``."""
 
-    x86_64 with AVX-512 VNNI: (16, "uint8") -> vpdpbusd.512. aarch64: (4, "int8") -> sdot (or
-    NEON smull/sadalp without the dot-product extension, arm.py). x86 without VNNI: None --
-    the AVX-512BW fallback (vpmaddubsw + vpmaddwd) adds u8 x s8 pairs in saturating int16
-    (255 * 127 * 2 > 32767), wrong for full-range activations; not offered.
+    lanes: int       # int32 accumulator lanes of one vector register = output channels per weight panel row
+    act_dtype: str   # "uint8" (x86: u8 x s8 instructions) or "int8" (arm64: s8 x s8)
+    weight_max: int  # weights are symmetric in [-weight_max, weight_max]
+    isa: str         # the instructions, for the manifest
+
+
+def packing(target) -> Int8Kernel | None:
+    """The int8 kernel edgellm has for an llvm target, or None.
+
+    * x86 with AVX-512 VNNI: 16 lanes, ``vpdpbusd`` zmm; with AVX-VNNI (Alder Lake, Gracemont,
+      Arrow Lake...): 8 lanes, ``vpdpbusd`` ymm. Exact u8 x s8 -> s32, full 8-bit weights.
+    * x86 with AVX-512BW or AVX2 and no VNNI: ``vpmaddubsw`` (u8 x s8 pairs summed in *saturating*
+      int16) + ``vpmaddwd`` with ones. Exact only while 2 * 255 * |w| <= 32767, so the weights are
+      7-bit (|w| <= 63), as ONNX Runtime's ``reduce_range`` does for the same instructions
+      (per-channel scales keep the loss small; its default instead lets the pair sums saturate).
+    * aarch64: 4 lanes, s8 x s8 ``sdot`` (or NEON smull/sadalp without the dot-product extension).
     """
     from edgellm.backends.tvm_cpu.target_info import _attrs, vector_bits
 
     _, _, mtriple = _attrs(target)
     if mtriple.startswith(("aarch64", "arm64")):
-        return 4, "int8"
-    if vector_bits(target) == 512 and has_vnni(target):
-        return 16, "uint8"
+        return Int8Kernel(4, "int8", 127, "arm64 sdot (dot-product extension)" if has_dotprod(target)
+                          else "arm64 NEON smull/sadalp (no dot-product extension)")
+    bits = vector_bits(target)
+    if bits == 512:
+        if has_vnni(target):
+            return Int8Kernel(16, "uint8", 127, "avx512-vnni vpdpbusd")
+        return Int8Kernel(16, "uint8", 63, "avx512bw vpmaddubsw + vpmaddwd (7-bit weights)")
+    if bits == 256 and has_avx2(target):
+        if has_avx_vnni(target):
+            return Int8Kernel(8, "uint8", 127, "avx-vnni vpdpbusd")
+        return Int8Kernel(8, "uint8", 63, "avx2 vpmaddubsw + vpmaddwd (7-bit weights)")
     return None
 
 
+def is_aarch64(target) -> bool:
+    from edgellm.backends.tvm_cpu.target_info import _attrs
+
+    if target is None or target.kind.name != "llvm":
+        return False
+    return _attrs(target)[2].startswith(("aarch64", "arm64"))
+
+
+def has_dotprod(target) -> bool:
+    """True when the aarch64 target may use ``sdot`` (FEAT_DotProd).
+
+    Taken from TVM's ``feature.has_dotprod``, which LLVM derives from ``mcpu`` + ``mattr``
+    (``+dotprod``, a dot-product core such as cortex-a76 / neoverse-n1, ``+v8.4a``; ``-dotprod``
+    wins).  It must never be wrong the other way: LLVM aborts the process on an ``sdot`` it
+    cannot select, and a core without the extension dies of SIGILL."""
+    if not is_aarch64(target):
+        return False
+    feature = target.attrs.get("feature.has_dotprod", None)
+    if feature is not None:
+        return bool(feature)
+    from edgellm.backends.tvm_cpu.target_info import _attrs
+
+    mattr = _attrs(target)[1]
+    return "+dotprod" in mattr and "-dotprod" not in mattr
+
+
 def has_vnni(target) -> bool:
+    """AVX-512 VNNI (zmm ``vpdpbusd``)."""
     from edgellm.backends.tvm_cpu.target_info import _attrs
 
     mcpu, mattr, _ = _attrs(target)
@@ -91,6 +140,25 @@ def has_vnni(target) -> bool:
     return "+avx512vnni" in mattr or mcpu in (
         "cascadelake", "cooperlake", "icelake", "icelake-client", "icelake-server", "tigerlake",
         "rocketlake", "sapphirerapids", "graniterapids", "emeraldrapids", "znver4", "znver5")
+
+
+def has_avx_vnni(target) -> bool:
+    """AVX-VNNI: the VEX-encoded ymm ``vpdpbusd`` of cores without AVX-512 (Alder Lake's, Gracemont)."""
+    from edgellm.backends.tvm_cpu.target_info import _attrs
+
+    mcpu, mattr, _ = _attrs(target)
+    if "-avxvnni" in mattr:
+        return False
+    return "+avxvnni" in mattr or mcpu in (
+        "alderlake", "raptorlake", "meteorlake", "arrowlake", "arrowlake-s", "lunarlake", "gracemont",
+        "sierraforest", "grandridge", "clearwaterforest", "pantherlake")
+
+
+def has_avx2(target) -> bool:
+    from edgellm.backends.tvm_cpu.target_info import _AVX2_CPUS, _attrs
+
+    mcpu, mattr, _ = _attrs(target)
+    return "-avx2" not in mattr and ("+avx2" in mattr or mcpu in _AVX2_CPUS)
 
 
 def depthwise_dq_te(Q, W, strides, padding, scale: float, zero_point: int, name: str = "depthwise_conv2d_nhwc",

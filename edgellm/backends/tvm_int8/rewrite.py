@@ -10,7 +10,8 @@ constants). Each candidate ``y = op(x, W)`` becomes::
 ``quantize`` is ``static`` (per-tensor scale / zero point from calibration: asymmetric over
 the observed [min, max], so ReLU outputs use all 256 codes) or ``dynamic`` (per row, at
 run time: ``s = max|x_row| / 127``, symmetric, code offset 128 on uint8). Weights are int8,
-symmetric per output channel (``s_w[n] = max|W[n, :]| / 127``), packed at compile time.
+symmetric per output channel (``s_w[n] = max|W[n, :]| / 127``; ``/ 63`` on x86 without VNNI,
+``compute.packing``), packed at compile time.
 The dequantize / bias / activation / next layer's quantize are elementwise and FuseOps
 fuses them into the dense's PrimFunc.
 
@@ -191,11 +192,12 @@ def activation_inputs(func: relax.Function):
     return out
 
 
-def quantize_weight(w_nk: np.ndarray):
-    """int8 [N, K], per-channel scale [N] (symmetric, 127)."""
+def quantize_weight(w_nk: np.ndarray, weight_max: int = 127):
+    """int8 [N, K], per-channel scale [N] (symmetric in [-weight_max, weight_max]: 127, or 63 where the
+    kernel's int16 pair sums must not saturate, ``compute.packing``)."""
     absmax = np.abs(w_nk).max(axis=1)
-    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.round(w_nk / scale[:, None]), -127, 127).astype(np.int8)
+    scale = np.where(absmax > 0, absmax / float(weight_max), 1.0).astype(np.float32)
+    q = np.clip(np.round(w_nk / scale[:, None]), -weight_max, weight_max).astype(np.int8)
     return q, scale
 
 
@@ -261,8 +263,9 @@ class _Int8Rewriter(relax.PyExprMutator):
         cols = bb.emit(relax.call_tir(gv, [p], relax.TensorType((b * oh, ow, kh, kw * cp), self.act_dtype)))
         return bb.emit(relax.op.reshape(cols, [b * oh * ow, kh * kw * cp]))
 
-    def __init__(self, mod, plan, lanes, act_dtype, int_depthwise=True):
+    def __init__(self, mod, plan, lanes, act_dtype, int_depthwise=True, weight_max=127):
         super().__init__(mod)
+        self.weight_max = weight_max
         self.int_depthwise = int_depthwise
         self.int_depthwise_done = 0  # depthwise convs rewritten to integer arithmetic
         # binding key ("index:name") -> {"mode": "static" | "depthwise_8bit_input", "lo", "hi"} | {"mode": "dynamic"}
@@ -294,7 +297,7 @@ class _Int8Rewriter(relax.PyExprMutator):
         out_shape = _shape(call)
         n, k = w_nk.shape
         m = int(np.prod(out_shape[:-1]))
-        wq, sw = quantize_weight(w_nk)
+        wq, sw = quantize_weight(w_nk, self.weight_max)
         n_pad = -n % lanes
         im2col = _is_im2col(call)
         if im2col and spec["mode"] != "static":
@@ -347,12 +350,13 @@ class _Int8Rewriter(relax.PyExprMutator):
         return relax.op.reshape(bb.emit(y), out_shape)
 
 
-def rewrite(mod, plan: dict, lanes: int, act_dtype: str, int_depthwise: bool = True, stats: dict | None = None):
+def rewrite(mod, plan: dict, lanes: int, act_dtype: str, int_depthwise: bool = True, stats: dict | None = None,
+            weight_max: int = 127):
     """(new module, keys rewritten): ``plan`` maps binding keys (``binding_keys``) of candidate calls
     in ``main`` to their activation quantization (see ``_Int8Rewriter``). ``int_depthwise``: u8-input
     depthwise convs in integer arithmetic (x86 VNNI, ``depthwise.py``) instead of f32 (``stats``, when
     given, gets ``int_depthwise``: how many)."""
-    rw = _Int8Rewriter(mod, plan, lanes, act_dtype, int_depthwise)
+    rw = _Int8Rewriter(mod, plan, lanes, act_dtype, int_depthwise, weight_max)
     gv = mod.get_global_var("main")
     rw.keys = binding_keys(mod[gv])
     rw.builder_.update_func(gv, rw.visit_expr(mod[gv]))

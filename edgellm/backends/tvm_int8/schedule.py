@@ -66,7 +66,7 @@ def schedule_packed_dense(sch, main, lanes: int, intrin: str, max_acc: int, *, m
     if mo is None:
         tiles = [nvo]
     else:  # weights larger than the activations: column panels outermost, so a panel stays in cache
-        tiles = [nvo, mo] if N * K > M * K and N // (lanes * nv) > 1 else [mo, nvo]
+        tiles = [nvo, mo] if N * K >= M * K and N // (lanes * nv) > 1 else [mo, nvo]
     sch.reorder(*tiles, ko, *([mi] if mi is not None else []), nvi, ni, ki)
 
     # accumulator tile in registers; the epilogue on the vectorized write-back

@@ -24,16 +24,20 @@ from __future__ import annotations
 
 import os
 
-
 from edgellm.backends.tvm_cpu._common import NotApplicable, SafeRule
 from edgellm.backends.tvm_cpu.matmul import find_single_reduction
 
-from .compute import has_vnni, packing
+from .compute import has_avx_vnni, has_vnni, packing
 from .schedule import schedule_packed_dense
 
-LANES = 16
-#: rows x column-vectors of int32 accumulators kept in zmm registers (32 architectural)
-MAX_ACC = 24
+
+def max_accumulators(lanes: int, vnni: bool) -> int:
+    """int32 accumulator vectors of a register tile: 24 of AVX-512's 32 zmm registers; of AVX2's 16 ymm,
+    what the weight vectors, the activation broadcast and (without VNNI) the vpmaddubsw temporaries
+    and the vector of ones leave."""
+    if lanes == 16:
+        return 24
+    return int(os.environ.get("EDGELLM_INT8_MAX_ACC", "12" if vnni else "8"))
 #: below this many multiply-adds the dense runs on one thread: waking the pool costs more
 #: than it saves (kws-cnn's 500x64x64: 9.8 us on one thread, 15 us on two); a GEMV counts 4x
 #: (MobileNet's 1280x1000 classifier: 11.1 us on one thread, 5.5 on two; its 784x144x32
@@ -42,71 +46,82 @@ PARALLEL_MIN_MACS = int(os.environ.get("EDGELLM_INT8_PARALLEL_MIN_MACS", str(1 <
 
 
 def _register_intrinsics() -> None:
-    """edgellm's copies of TVM's dot_16x4_vnni / dot_16x4_avx512 with the accumulator in a
-    ``local`` buffer (the register tile); TVM's own take a global C. Registered once.
-    (Importing tvm.s_tir.tensor_intrin would register all of TVM's, CUDA's included: ~40 s.)"""
+    """edgellm's u8 x s8 -> s32 dot products over [lanes x 4 bytes], the accumulator in a ``local``
+    buffer (the register tile; TVM's own dot_16x4_vnni / dot_16x4_avx512 take a global C).
+    Registered once. (Importing tvm.s_tir.tensor_intrin would register all of TVM's, CUDA's
+    included: ~40 s.)"""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    if INTRIN_VNNI in _REGISTERED:
+    if _REGISTERED:
         return
 
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    def desc_for(lanes):
+        @T.prim_func(s_tir=True)
+        def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+                 C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                for i in T.serial(0, lanes):
+                    for k in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, k])
+                            C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+        return desc
 
-    @T.prim_func(s_tir=True)
-    def vnni(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            # LLVM >= 18 declares vpdpbusd.512 as (<16 x i32>, <64 x i8>, <64 x i8>); TVM's own
-            # dot_16x4_vnni still passes <16 x i32> operands and fails LLVM's verifier
-            # one expression, no named temporaries: TVMScript turns those into local buffers, which
-            # lower to a TVMBackendAllocWorkspace / Free pair per call (per register tile in the
-            # parallel loop), not registers
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"),
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64"),
-                B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
+    def impl_for(lanes, vnni):
+        nbytes, i32, u8, i8, i16 = lanes * 4, f"int32x{lanes}", f"uint8x{lanes * 4}", f"int8x{lanes * 4}", f"int16x{lanes * 2}"
+        bits = lanes * 32
+        dpbusd = f"llvm.x86.avx512.vpdpbusd.{bits}"
+        maddubs = "llvm.x86.avx512.pmaddubs.w.512" if bits == 512 else "llvm.x86.avx2.pmadd.ub.sw"
+        maddwd = "llvm.x86.avx512.pmaddw.d.512" if bits == 512 else "llvm.x86.avx2.pmadd.wd"
 
-    @T.prim_func(s_tir=True)
-    def avx512(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-               C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            C[T.ramp(T.int32(0), 1, 16)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
-                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64"),
-                    B.vload([0, 0], dtype="int8x64"), dtype="int16x32"),
-                T.int16x32(1), dtype="int32x16")
+        # one expression each, no named temporaries: TVMScript turns those into local buffers, which
+        # lower to a TVMBackendAllocWorkspace / Free pair per call (per register tile in the parallel
+        # loop), not registers. LLVM >= 18 declares vpdpbusd as (<L x i32>, <4L x i8>, <4L x i8>);
+        # TVM's own dot_16x4_vnni passes <16 x i32> operands and fails LLVM's verifier.
+        @T.prim_func(s_tir=True)
+        def dot_vnni(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+                     C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(dpbusd), C.vload([0], dtype=i32),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes), dtype=u8),
+                    B.vload([0, 0], dtype=i8), dtype=i32)
 
-    TensorIntrin.register(INTRIN_VNNI, desc, vnni, override=True)
-    TensorIntrin.register(INTRIN_AVX512, desc, avx512, override=True)
-    _REGISTERED.add(INTRIN_VNNI)
+        # vpmaddubsw adds two u8 x s8 products in saturating int16: exact while |w| <= 63
+        # (2 * 255 * 63 < 32767; compute.packing's weight_max), then vpmaddwd with ones widens the pairs
+        @T.prim_func(s_tir=True)
+        def dot_madd(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+                     C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(maddwd),
+                    T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(maddubs),
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes), dtype=u8),
+                        B.vload([0, 0], dtype=i8), dtype=i16),
+                    T.broadcast(T.int16(1), lanes * 2), dtype=i32)
+
+        assert nbytes in (32, 64)
+        return dot_vnni if vnni else dot_madd
+
+    for lanes in (16, 8):
+        for vnni in (True, False):
+            TensorIntrin.register(intrin_name(lanes, vnni), desc_for(lanes), impl_for(lanes, vnni), override=True)
+    _REGISTERED.add(True)
 
 
-INTRIN_VNNI = "edgellm_dot_16x4_u8i8i32_vnni_local"
-INTRIN_AVX512 = "edgellm_dot_16x4_u8i8i32_avx512_local"
 _REGISTERED: set = set()
 
 
-def _intrin_name(target) -> str:
-    _register_intrinsics()
-    return INTRIN_VNNI if has_vnni(target) else INTRIN_AVX512
+def intrin_name(lanes: int, vnni: bool) -> str:
+    return f"edgellm_dot_{lanes}x4_u8i8i32_{'vnni' if vnni else 'madd'}_local"
 
 
 def match_packed_dense(sch, lanes: int, act_dtypes: tuple[str, ...]):
@@ -130,12 +145,14 @@ def match_packed_dense(sch, lanes: int, act_dtypes: tuple[str, ...]):
 
 
 class PackedDenseX86(SafeRule):
-    """u8 x s8 -> s32 packed dense on AVX-512 (VNNI when the target has it)."""
+    """u8 x s8 -> s32 packed dense on x86: AVX-512 or AVX2, ``vpdpbusd`` where the core has VNNI."""
 
     def schedule(self, sch, func, target):
         pk = packing(target)
-        if pk is None or pk[0] != LANES or pk[1] != "uint8":
-            raise NotApplicable("not an AVX-512 x86 target")
-        _, main = match_packed_dense(sch, LANES, ("uint8",))
-        return schedule_packed_dense(sch, main, LANES, _intrin_name(target), MAX_ACC, parallel_min_macs=PARALLEL_MIN_MACS)
-
+        if pk is None or pk.act_dtype != "uint8":
+            raise NotApplicable("not an x86 int8 target")
+        _, main = match_packed_dense(sch, pk.lanes, ("uint8",))
+        vnni = has_vnni(target) if pk.lanes == 16 else has_avx_vnni(target)
+        _register_intrinsics()
+        return schedule_packed_dense(sch, main, pk.lanes, intrin_name(pk.lanes, vnni), max_accumulators(pk.lanes, vnni),
+                                     parallel_min_macs=PARALLEL_MIN_MACS)

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from edgellm import api, zoo
+from edgellm import api, precision, zoo
 from edgellm.backends import tvm_cuda
 from edgellm.errors import EdgeError
 from edgellm.runtime.accuracy import compare
 
 from cuda_testing import cuobjdump, gpu, gpu_target, model_so, needs_nvcc
 
-MIN_COSINE = api.FP16_MIN_COSINE  # the bar for fp16: 0.999
+FP16 = precision.FP16_CONTRACT  # the bar for fp16: cosine >= 0.999
+MIN_COSINE = FP16["min_cosine"]
 
 
 def _fp16_on_cpu(name):
@@ -41,7 +42,7 @@ def test_fp16_graph_keeps_cosine_0999_with_fp32(name):
     expected, got = _fp16_on_cpu(name)
     stats = compare(expected, got)
     assert got.dtype == np.float32  # fp32 at the boundary: callers see no difference
-    assert stats["cosine"] >= MIN_COSINE and stats["rel_max_abs"] <= api.FP16_TOLERANCE, stats
+    assert stats["cosine"] >= MIN_COSINE and stats["rel_max_abs"] <= FP16["tolerance"], stats
     assert stats["max_abs"] > 0  # it did change the arithmetic (fp16 rounding is visible)
 
 
@@ -56,7 +57,7 @@ def test_fp16_package_records_its_contract_and_has_half_kernels(cuda_pkgs, tmp_p
     m = cuda_pkgs("zoo:kws-cnn", "cuda-sm90", fp16=True).manifest
     assert m["recipe"]["precision"] == "fp16" and m["backend"]["precision"]["compute"] == "fp16"
     v = m["verification"]
-    assert v["tolerance"] == api.FP16_TOLERANCE and v["min_cosine"] == MIN_COSINE  # what the device check enforces
+    assert v["tolerance"] == FP16["tolerance"] and v["min_cosine"] == MIN_COSINE  # what the device check enforces
     (tmp_path / "k.fatbin").write_bytes(tvm_cuda.fatbins_in(model_so(cuda_pkgs("zoo:kws-cnn", "cuda-sm90", fp16=True).path))[0])
     ptx = cuobjdump(tmp_path / "k.fatbin", "-ptx")  # the PTX beside the sm_90 SASS (SASS needs nvdisasm)
     assert ".f16" in ptx and "cvt.rn.f16.f32" in ptx, "no half-precision arithmetic in the kernels"

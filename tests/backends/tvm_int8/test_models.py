@@ -1,5 +1,6 @@
-"""TVM int8 on the zoo models (x86_64 AVX-512 VNNI host): accuracy vs fp32 on held-out inputs, size, and
-vpdpbusd in the model.so.
+"""TVM int8 on the zoo models (an x86_64 host with AVX2 or AVX-512): accuracy vs fp32 on held-out inputs,
+size, and the int8 dot-product instructions in the model.so (``vpdpbusd`` with VNNI, ``vpmaddubsw``
+without: 7-bit weights there).
 
 Tolerances (measured values in brackets, 2026-11, Zen 4):
 - kws-cnn, mobilenet-v2 (random weights, seeded random inputs: top-1 agreement is the meaningful
@@ -21,24 +22,27 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tvm")
+tvm = pytest.importorskip("tvm")
 
 from edgellm import api, backends, source, targets
 from edgellm.compress.calibration import random_samples
 from edgellm.compress.evaluate import engine_runner, evaluate
+from edgellm.backends.tvm_int8.compute import packing
 from edgellm.runtime import device, engines
 from edgellm.trace import trace
 
 HOST = targets.resolve("host")
 VNNI = "avx512_vnni" in set(device.cpu_flags()) and HOST.tvm.get("mattr") and "+avx512vnni" in HOST.tvm["mattr"]
-pytestmark = pytest.mark.skipif(not VNNI, reason="needs an x86_64 host with AVX-512 VNNI")
+INT8 = HOST.arch == "x86_64" and packing(tvm.target.Target(HOST.tvm)) is not None
+pytestmark = pytest.mark.skipif(not INT8, reason="needs an x86_64 host with AVX2 or AVX-512")
 
 
 def _vpdpbusd(so: Path) -> int:
+    """The int8 dot-product instructions in ``so``: vpdpbusd (VNNI) or vpmaddubsw (AVX2 / AVX-512BW)."""
     if shutil.which("objdump") is None:
         pytest.skip("needs objdump")
     out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so)], capture_output=True, text=True, check=True).stdout
-    return len(re.findall(r"\bvpdpbusd\b", out))
+    return len(re.findall(r"\b(vpdpbusd|vpmaddubsw)\b", out))
 
 
 def _build(traced, options, tmp: Path):
@@ -61,7 +65,7 @@ def int8_vs_fp32(name, calib=None, held_out=None):
     report = evaluate(engine_runner(int8, names), engine_runner(fp32, names), held_out, [s.name for s in traced.outputs])
     stats = report["outputs"][traced.outputs[0].name]
     print(f"\n{name} TVM int8: {json.dumps({k: round(v, 4) for k, v in stats.items() if isinstance(v, float)})}, "
-          f"model.so {fp32_size} -> {int8_size} bytes ({int8_size / fp32_size:.2f}x), vpdpbusd x{count}, {compiled.info['quantize']}")
+          f"model.so {fp32_size} -> {int8_size} bytes ({int8_size / fp32_size:.2f}x), int8 dot instructions x{count}, {compiled.info['quantize']}")
     return stats, int8_size / fp32_size, count, compiled.info["quantize"]
 
 

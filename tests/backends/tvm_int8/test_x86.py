@@ -1,5 +1,6 @@
-"""TVM int8 on x86_64 AVX-512 VNNI: the packed u8 x s8 -> s32 dense really runs vpdpbusd, is exact,
-and a small model built with ``--quantize int8`` keeps its fp32 answers.
+"""TVM int8 on x86_64: the packed u8 x s8 -> s32 dense really runs the target's instruction (vpdpbusd with
+AVX-512 VNNI or AVX-VNNI, vpmaddubsw + vpmaddwd on AVX2 / AVX-512BW), is exact, and a small model built
+with ``--quantize int8`` keeps its fp32 answers.
 
 Tolerances: the int8 kernel is integer arithmetic, compared for exact equality with numpy (int64).
 The small model: cosine >= 0.995 vs fp32 and top-1 agreement >= 90% on 32 held-out random inputs
@@ -32,37 +33,59 @@ def _tvm_target(t=AVX512_VNNI):
     return tvm.target.Target(t.tvm)
 
 
+def _x86(mcpu: str):
+    return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
+
+
 def test_packing_is_chosen_from_the_target():
-    assert packing(_tvm_target()) == (16, "uint8")
-    assert packing(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == (4, "int8")
-    assert packing(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"})) is None
-    # AVX-512 without VNNI: the int16 pair sums of vpmaddubsw saturate, so no int8 there
-    assert packing(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4"})) is None
+    assert packing(_tvm_target())[:3] == (16, "uint8", 127)
+    assert packing(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}))[:3] == (4, "int8", 127)
+    # AVX2 / AVX-512 without VNNI: vpmaddubsw's int16 pair sums hold 2 * 255 * 63, not 2 * 255 * 127: 7-bit weights
+    assert packing(_x86("x86-64-v3"))[:3] == (8, "uint8", 63)
+    assert packing(_x86("x86-64-v4"))[:3] == (16, "uint8", 63)
+    assert packing(_x86("alderlake"))[:3] == (8, "uint8", 127)  # AVX-VNNI: ymm vpdpbusd
+    assert packing(_x86("x86-64-v2")) is None  # SSE only
 
 
-def test_int8_without_vnni_is_a_clear_error(tmp_path):
+def test_int8_without_avx2_is_a_clear_error(tmp_path):
     from edgellm.errors import EdgeError
 
-    with pytest.raises(EdgeError, match="needs AVX-512 VNNI"):
-        backends.get("tvm").compile(_Small.traced(), targets.resolve("x86_64"), {"quantize": "int8", "calibration": []}, tmp_path)
+    sse = targets.Target(**{**targets.resolve("x86_64").to_dict(), "name": "x86_64-sse",
+                            "tvm": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v2"}})
+    with pytest.raises(EdgeError, match="needs AVX2 or AVX-512"):
+        backends.get("tvm").compile(_Small.traced(), sse, {"quantize": "int8", "calibration": []}, tmp_path)
 
 
-@pytest.mark.parametrize("m,k,n", [(49, 96, 160), (8, 64, 16)])
-def test_packed_dense_is_exact_and_uses_vpdpbusd(m, k, n):
-    target = _tvm_target()
-    sch = PackedDenseX86().apply(dense_int8_primfunc(m, k, n, 16, "uint8"), target, False)
+#: (target, instruction and register the kernel must use, /proc/cpuinfo flags needed to run it)
+KERNELS = [
+    (AVX512_VNNI.tvm, r"vpdpbusd\s+.*zmm", {"avx512f", "avx512_vnni"}),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}, r"vpmaddubsw\s+.*ymm", {"avx2"}),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4"}, r"vpmaddubsw\s+.*zmm", {"avx512f", "avx512bw"}),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "alderlake"}, r"vpdpbusd\s+.*ymm", {"avx2", "avx_vnni"}),
+]
+
+
+@pytest.mark.parametrize("target_dict, instruction, flags", KERNELS, ids=["avx512-vnni", "avx2", "avx512bw", "avx-vnni"])
+@pytest.mark.parametrize("m,k,n", [(49, 96, 160), (8, 64, 16), (1, 256, 64)])
+def test_packed_dense_is_exact_with_the_targets_instruction(target_dict, instruction, flags, m, k, n):
+    target = tvm.target.Target(target_dict)
+    pk = packing(target)
+    sch = PackedDenseX86().apply(dense_int8_primfunc(m, k, n, pk.lanes, "uint8"), target, False)
     assert sch is not None, "the x86 int8 rule did not schedule the packed dense"
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target)
     asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
-    assert re.search(r"vpdpbusd\s+.*zmm", asm), "no 512-bit vpdpbusd in the generated code"
-    if not CAN_RUN:
-        pytest.skip("this CPU has no AVX-512 VNNI")
+    assert re.search(instruction, asm), f"no {instruction} in the generated code"
+    if not flags <= set(device.cpu_flags()):
+        pytest.skip(f"this CPU lacks {sorted(flags - set(device.cpu_flags()))}")
     rng = np.random.default_rng(0)
+    # the extremes included: 255 x +-weight_max in every pair is where vpmaddubsw's int16 sums would saturate
     a = rng.integers(0, 256, (m, k)).astype(np.uint8)
-    w = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    w = rng.integers(-pk.weight_max, pk.weight_max + 1, (n, k)).astype(np.int8)
+    a[0, :] = 255
+    w[0, :], w[-1, :] = pk.weight_max, -pk.weight_max
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros((m, n), np.int32), dev)
-    lib["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(pack_weight(w, 16), dev), out)
+    lib["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(pack_weight(w, pk.lanes), dev), out)
     np.testing.assert_array_equal(out.numpy(), a.astype(np.int64) @ w.astype(np.int64).T)
 
 
@@ -96,33 +119,38 @@ class _Small:
         return trace(src)
 
 
-def _objdump_has_vpdpbusd(so: Path) -> int:
+def _objdump_count(so: Path, instruction: str) -> int:
     out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so)], capture_output=True, text=True, check=True).stdout
-    return len(re.findall(r"\bvpdpbusd\b", out))
+    return len(re.findall(rf"\b{instruction}\b", out))
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
-def test_small_model_int8_build_runs_vnni_and_matches_fp32():
+@pytest.mark.parametrize("target, instruction, flags", [(AVX512_VNNI, "vpdpbusd", {"avx512f", "avx512_vnni"}),
+                                                        (targets.resolve("x86_64"), "vpmaddubsw", {"avx2"})],
+                         ids=["avx512-vnni", "avx2"])
+def test_small_model_int8_build_runs_int8_and_matches_fp32(target, instruction, flags):
     traced = _Small.traced()
     names = [s.name for s in traced.inputs]
     rng = np.random.default_rng(1)
     samples = [{"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)} for _ in range(64)]
     backend = backends.get("tvm")
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = backend.compile(traced, AVX512_VNNI, {}, Path(tmp) / "a" if (Path(tmp) / "a").mkdir() is None else None)
-        int8 = backend.compile(traced, AVX512_VNNI, {"quantize": "int8", "calibration": samples[:32]},
-                               Path(tmp) / "b" if (Path(tmp) / "b").mkdir() is None else None)
-        assert _objdump_has_vpdpbusd(int8.files["model.so"]) > 0, "no vpdpbusd in the int8 model.so"
-        assert _objdump_has_vpdpbusd(fp32.files["model.so"]) == 0
+        (Path(tmp) / "a").mkdir()
+        (Path(tmp) / "b").mkdir()
+        fp32 = backend.compile(traced, target, {}, Path(tmp) / "a")
+        int8 = backend.compile(traced, target, {"quantize": "int8", "calibration": samples[:32]}, Path(tmp) / "b")
+        assert _objdump_count(int8.files["model.so"], instruction) > 0, f"no {instruction} in the int8 model.so"
+        assert _objdump_count(fp32.files["model.so"], instruction) == 0
         info = int8.info["quantize"]
         assert info["layers_int8"] == 3 and info["activation_mode"] == "static" and info["calibration_samples"] == 32
         assert "conv2d: depthwise" in info["layers_fp32"] and info["depthwise_8bit_input"].startswith("1 of")
-        if not CAN_RUN:
-            pytest.skip("this CPU has no AVX-512 VNNI")
+        assert info["weights"].startswith("int8" if instruction == "vpdpbusd" else "int7")
+        if not flags <= set(device.cpu_flags()):
+            pytest.skip(f"this CPU lacks {sorted(flags - set(device.cpu_flags()))}")
         run = {}
         for key, c in (("fp32", fp32), ("int8", int8)):
             members = {n: Path(p).read_bytes() for n, p in c.files.items()}
-            run[key] = engines.get("tvm")({"backend": c.info, "target": AVX512_VNNI.to_dict()}, members, 2)
+            run[key] = engines.get("tvm")({"backend": c.info, "target": target.to_dict()}, members, 2)
     cos, agree = [], []
     for s in samples[32:]:
         a = run["fp32"].run([s[n] for n in names])[0].ravel()
