@@ -25,8 +25,9 @@ from edgellm.runtime.package import read_manifest, read_package, read_signature,
 STAGES = ("source", "trace", "compile", "verify", "package")
 
 
-def _local_engine(compiled, target: targets.Target):
-    """(engine, None) running the compiled files on this machine, or (None, why not) when it is not the device."""
+def _local_engine(compiled, target: targets.Target, threads: int | None = None):
+    """(engine, None) running the compiled files on this machine (on ``threads``, default all cores), or (None, why
+    not) when it is not the device."""
     from edgellm.runtime import engines
     from edgellm.runtime.cuda import NoGPUError
     from edgellm.runtime.package import check_device
@@ -38,7 +39,7 @@ def _local_engine(compiled, target: targets.Target):
         return None, f"{e.problem}; {where}"
     members = {name: Path(p).read_bytes() for name, p in compiled.files.items()}
     try:
-        return engines.get(compiled.info["name"])({"backend": compiled.info, "target": target.to_dict()}, members, device.cpu_count()), None
+        return engines.get(compiled.info["name"])({"backend": compiled.info, "target": target.to_dict()}, members, threads or device.cpu_count()), None
     except NoGPUError as e:  # a GPU target on a machine without that GPU
         return None, f"{e.problem}; {where}"
 
@@ -128,6 +129,24 @@ def _time_trials(trials: list[dict], traced, tgt) -> str:
     for i, t in enumerate(runnable):
         t["p50_ms"] = p50[i]
     return ", ".join(f"{t['backend']} {t['precision']} {t['p50_ms']:.3f} ms" for t in runnable) + f" ({device.cpu_count()} threads)"
+
+
+def _measure_threads(chosen: dict, traced, tgt) -> tuple[dict | None, str]:
+    """(the manifest's ``threads`` record, a line for the stage) when this machine ran the chosen package's code (the
+    condition under which --backend / --precision auto time it): p50 of a call at 1, 2, 4 .. physical cores threads,
+    so a load on this CPU runs at the fastest (runtime/threads.py)."""
+    from edgellm.runtime import threads
+
+    if chosen.get("engine") is None or chosen["verification"]["status"] != "passed":
+        return None, "not measured: this machine did not run the package"
+    arrays = [traced.example_inputs[s.name] for s in traced.inputs]
+
+    def make_run(k: int):
+        engine = _local_engine(chosen["compiled"], tgt, k)[0]
+        return lambda: engine.run(arrays)
+
+    rec = threads.measure(make_run, threads.MODEL_WORK)
+    return rec, threads.summary(rec)
 
 
 def _choose(trials: list[dict], auto: bool) -> tuple[dict, dict | None]:
@@ -280,6 +299,10 @@ def _build(source, target, output, progress, log, *, backend, input_shapes, inpu
             with stage("evaluate", detail):
                 detail.append(plan.evaluate(chosen.get("engine"), traced))
         detail = []
+        with stage("threads", detail):
+            thread_record, line = _measure_threads(chosen, traced, tgt)
+            detail.append(line)
+        detail = []
         with stage("package", detail):
             members = {name: Path(p).read_bytes() for name, p in compiled.files.items()}
             members["reference.npz"] = npz_bytes({**{f"input.{k}": narrowed(v) for k, v in traced.example_inputs.items()},
@@ -300,6 +323,7 @@ def _build(source, target, output, progress, log, *, backend, input_shapes, inpu
                 "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in traced.outputs],
                 "compression": plan.manifest(compiled.info),
                 "verification": verification,
+                **({"threads": thread_record} if thread_record else {}),
                 "build": {"host": platform.machine(), "seconds": {k: round(v, 3) for k, v in seconds.items()}},
             }, members)
             detail.append(f"{out} ({out.stat().st_size / 1e6:.2f} MB)" + (f", backend {chosen['backend']}: {comparison['why']}" if comparison else "")

@@ -195,6 +195,13 @@ def build_lm(source: str, target="host", output=None, *, weights: str = "fp32", 
         if max_drop is not None and "perplexity_increase_pct" in acc and acc["perplexity_increase_pct"] > max_drop:
             raise EdgeError(f"perplexity rises {acc['perplexity_increase_pct']:.2f}% over fp32 (limit --max-drop {max_drop})",
                             "use more bits (--weights int8 / fp32) or raise --max-drop")
+    if lm is not None:  # this machine ran it: decode timed at 1, 2, 4 .. physical cores threads (runtime/threads.py)
+        from edgellm.runtime import threads
+
+        detail = []
+        with stage("threads", detail):
+            manifest["threads"] = threads.measure_lm(lm)
+            detail.append(threads.summary(manifest["threads"]))
     detail = []
     with stage("package", detail):
         manifest["build"] = {"host": platform.machine(), "seconds": {k: round(v, 3) for k, v in seconds.items()}}

@@ -1,4 +1,4 @@
-"""``python -m edgellm.runtime run|profile|check PKG``: the device-side command line.
+"""``python -m edgellm.runtime run|profile|check|threads PKG``: the device-side command line.
 
 argparse, not click: a device has only the runtime.
 """
@@ -41,13 +41,61 @@ def read_inputs(model, paths: list[str]) -> dict[str, np.ndarray]:
     return inputs
 
 
+def measure_package(path, trusted_keys=None, counts: list[int] | None = None) -> dict:
+    """Load the package and time it here (``python -m edgellm.runtime threads``): a model's call on its stored sample,
+    one loaded copy per thread count; a language model's short decode (``threads.measure_lm``)."""
+    from edgellm.runtime import threads
+
+    first = load(path, threads=1, trusted_keys=trusted_keys)
+    if first.manifest.get("kind") == "llm":
+        return threads.measure_lm(first, counts)
+
+    def make_run(k: int):
+        model = first if k == 1 else load(path, threads=k, trusted_keys=trusted_keys)
+        arrays = model._arrange((), model.example_inputs())
+        return lambda: model._engine.run(arrays)
+
+    return threads.measure(make_run, threads.MODEL_WORK, counts)
+
+
+def format_threads(report: dict) -> str:
+    """The human twin of ``threads --json``: the table, the best count, and what a load picks now."""
+    rec = report["record"]
+    fastest = min(rec["p50_ms"].values())
+    lines = [f"{report['package']} on {rec['cpu']}, {rec['cores']} physical core(s); p50 of {rec['work']}",
+             f"{'threads':>7}  {'p50 ms':>9}  {'vs fastest':>10}"]
+    for k, v in rec["p50_ms"].items():
+        lines.append(f"{k:>7}  {v:>9.3f}  {v / fastest:>9.2f}x" + ("  <- best" if int(k) == rec["best"] else ""))
+    lines.append(f"best: {rec['best']} thread(s) (the fewest within {report['within']:.0%} of the fastest)")
+    lines.append(f"a load here uses {report['load']['threads']} ({report['load']['from']})"
+                 + (f"; saved to {report['saved']}" if report["saved"] else "; --save keeps this result for loads on this CPU"))
+    return "\n".join(lines)
+
+
+def threads_command(args) -> int:
+    """Time the package here at 1, 2, 4 .. physical-cores threads. The package is signed and hashed, so the result is
+    printed, and with --save kept in a per-user cache that loads on this CPU prefer (runtime/threads.py)."""
+    from edgellm.runtime import threads
+    from edgellm.runtime.package import read_manifest
+
+    rec = measure_package(args.package, args.trusted_keys)  # loads it: checksums (and signature) verified
+    manifest = read_manifest(args.package)
+    path = str(threads.save(manifest, rec)) if args.save else None
+    chosen, source = threads.choose(manifest)
+    report = {"schema": threads.SCHEMA, "package": args.package, "record": rec, "within": threads.WITHIN, "saved": path,
+              "load": {"threads": chosen, "from": source}}
+    print(json.dumps(report, indent=2) if args.json else format_threads(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgellm.runtime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "profile", "check"):
+    for name in ("run", "profile", "check", "threads"):
         p = sub.add_parser(name)
         p.add_argument("package")
-        p.add_argument("--threads", type=int, default=None)
+        if name != "threads":
+            p.add_argument("--threads", type=int, default=None)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--trusted-key", dest="trusted_keys", action="append", default=[], metavar="KEY.pub",
                        help="refuse the package unless signed by this key (repeat for several; adds to $EDGELLM_TRUSTED_KEYS)")
@@ -61,8 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         if name == "check":
             p.add_argument("--tolerance", type=float, default=None,
                            help="max |error| relative to the output scale [default: the package's own, set at build time]")
+        if name == "threads":
+            p.add_argument("--save", action="store_true",
+                           help="keep the result for this user (runtime/threads.py cache_path): loads on this CPU then use its best")
     args = parser.parse_args(argv)
     try:
+        if args.command == "threads":
+            return threads_command(args)
         from edgellm.runtime.lm import LanguageModel
 
         model = load(args.package, threads=args.threads, trusted_keys=args.trusted_keys)

@@ -49,19 +49,65 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def describe() -> dict:
-    """A short description of this machine for reports."""
-    model = ""
+def _cpu_list(text: str) -> set[int]:
+    """CPU numbers from the kernel's list format ("0-3,8,10-11")."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        low, _, high = part.partition("-")
+        if low.strip().isdigit():
+            cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def _quota_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Whole cores a cgroup v2 CPU quota grants ("150000 100000" -> 2, rounded up), None when unlimited or unknown."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):  # no file, "max", or a format this does not know
+        return None
+
+
+def physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Physical cores this process may use: CPUs in its affinity, SMT siblings counted once, capped by a cgroup v2
+    quota. The default thread count: a second hardware thread on a busy core adds little to compute-bound kernels
+    and contends for its caches. Falls back to :func:`cpu_count` where the topology is not readable."""
+    allowed = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        try:
+            siblings = _cpu_list((sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text())
+        except OSError:
+            cores = set()
+            break
+        cores.add(min(siblings) if siblings else cpu)
+    count = len(cores) or cpu_count()
+    quota = _quota_cores()
+    return max(1, min(count, quota) if quota else count)
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 7763 64-Core Processor"); on arm64 boards whose cpuinfo has none, the core's
+    implementer and part numbers ("aarch64 0x41 0xd08": a Cortex-A72), so two different boards never look alike."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":")[0].strip() in ("model name", "Model"):
-                model = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    if fields.get("model name") or fields.get("Model"):
+        return fields.get("model name") or fields["Model"]
+    if "CPU part" in fields:
+        return f"{platform.machine()} {fields.get('CPU implementer', '?')} {fields['CPU part']}"
+    return platform.processor() or platform.machine()
+
+
+def describe() -> dict:
+    """A short description of this machine for reports."""
     return {
         "machine": platform.machine(),
-        "cpu": model or platform.processor(),
+        "cpu": cpu_model(),
         "cores": cpu_count(),
         "python": platform.python_version(),
         "system": platform.system(),

@@ -26,6 +26,7 @@ import numpy as np
 from edgellm.errors import EdgeError
 from edgellm.runtime import device
 from edgellm.runtime.package import check_device, load_npz, read_package
+from edgellm.runtime.threads import choose as choose_threads
 
 WEIGHTS = "weights.npz"
 TOKENIZER = "tokenizer.json"
@@ -91,7 +92,7 @@ class LanguageModel:
         self.max_seq_len = int(lm["max_seq_len"])
         self.prefill_chunk = int(lm["prefill_chunk"])
         self.eos_ids = set(self.config.get("eos_ids") or [])
-        self.threads = threads or device.cpu_count()
+        self.threads, self.threads_from = choose_threads(self.manifest, threads)  # runtime/threads.py
         self._size_pool = PoolSizer(tvm, self.threads)
         self._tvm = tvm
         self._dev = tvm.cpu(0)

@@ -12,6 +12,7 @@ import numpy as np
 from edgellm.errors import EdgeError
 from edgellm.runtime import device, engines
 from edgellm.runtime.package import check_device, load_npz, read_package
+from edgellm.runtime.threads import choose as choose_threads
 
 REFERENCE = "reference.npz"
 
@@ -38,7 +39,8 @@ class Model:
     """A verified package, ready to run on this machine."""
 
     def __init__(self, path: str | Path, threads: int | None = None, concurrency: int | None = None, trusted_keys=None):
-        """``threads``: cores one call uses (default: all). ``concurrency``: calls that may run at once
+        """``threads``: cores one call uses (default: the count measured fastest on this CPU, else the physical cores;
+        see runtime/threads.py; ``threads_from`` says which). ``concurrency``: calls that may run at once
         (default: cores / threads, so concurrent callers never oversubscribe the cores). ``trusted_keys``: .pub paths
         or hex keys; the package must be signed by one (see runtime/package.py)."""
         t0 = time.perf_counter()
@@ -47,7 +49,7 @@ class Model:
         check_device(self.manifest, device.cpu_flags())
         self.inputs = _specs(self.manifest["inputs"])
         self.outputs = _specs(self.manifest["outputs"])
-        self.threads = threads or device.cpu_count()
+        self.threads, self.threads_from = choose_threads(self.manifest, threads)
         self._reference = load_npz(members[REFERENCE]) if REFERENCE in members else None
         self._engine = engines.get(self.manifest["backend"]["name"])(self.manifest, members, self.threads)
         # callers beyond what the cores hold wait here instead of oversubscribing them: with 2 threads a call on

@@ -9,6 +9,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -33,6 +34,36 @@ def time_runs(run, runs: int, warmup: int = 0) -> list[float]:
         run()
         seconds.append(time.perf_counter() - t0)
     return seconds
+
+
+WAKE_S = 0.02  # untimed running of an engine before each of its timed blocks
+
+
+def wake(run: Callable[[], object], seconds: float = WAKE_S) -> None:
+    """Run ``run`` untimed for ``seconds`` (at least once): this engine's threads wake, and the last engine's
+    spinning workers give the cores back. One call was not enough (kws-cnn: ONNX Runtime 0.077 ms right
+    after TVM, 0.124 ms after PyTorch; TVM 0.157 ms right after ONNX Runtime's block, 0.077 alone)."""
+    until = time.perf_counter() + seconds
+    run()
+    while time.perf_counter() < until:
+        run()
+
+
+def side_by_side(runners: dict[str, Callable[[], object]], blocks: int = 6, per_block: int = 20, warmup: int = 5) -> dict[str, float]:
+    """p50 milliseconds of each zero-argument ``runners`` callable, measured in alternating blocks in this
+    process (A x per_block, B x per_block, A, B, ...) so drift in clocks or load hits all of them alike."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(blocks):
+        for name, run in runners.items():
+            wake(run)
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+    return {k: float(np.median(v) * 1e3) for k, v in times.items()}
 
 
 def latency_stats(seconds: list[float]) -> dict:

@@ -78,6 +78,24 @@ def test_threads_get_what_one_thread_gets(tiny_packages):
     assert [got[i] for i in range(4)] == expected
 
 
+def test_a_host_build_times_decode_per_thread_count_and_load_uses_the_best(tiny_packages, tmp_path, monkeypatch):
+    """Decode is cheap to time (a short greedy generation), so language models get the same record as models."""
+    from edgellm.runtime import device, threads
+
+    monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path))
+    path = tiny_packages("qwen2")
+    rec = rt.read_manifest(path)["threads"]
+    assert rec["work"] == threads.LM_WORK and rec["cpu"] == device.cpu_model()
+    assert list(rec["p50_ms"]) == [str(k) for k in threads.counts()] and rec["best"] in threads.counts()
+    lm = rt.load(path)
+    assert (lm.threads, lm.threads_from) == (rec["best"], "measured on this CPU at build time")
+    before = lm.generate(PROMPT, 6, ignore_eos=True)
+    again = threads.measure_lm(lm)  # the device-side measurement leaves the model as it was
+    assert list(again["p50_ms"]) == list(rec["p50_ms"])
+    assert lm.generate(PROMPT, 6, ignore_eos=True) == before
+    assert rt.load(path, threads=1).threads == 1
+
+
 def test_perplexity_matches_the_reference(tiny_folders, tiny_packages):
     import torch
     import transformers

@@ -73,19 +73,23 @@ def set_threads(tvm, threads: int) -> None:
     tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
 
 
+_POOL = threading.local()  # .threads: what this calling thread's TVM pool was last sized to
+
+
 class PoolSizer:
     """TVM's thread pool belongs to the thread that calls into TVM, and a new caller's pool starts at
-    TVM_NUM_THREADS: size each calling thread's pool once, on its first call."""
+    TVM_NUM_THREADS: size the calling thread's pool before a call when it was last sized for another count (a
+    first call, or two models with different ``threads`` called from one thread, as the thread-count measurement
+    does)."""
 
     def __init__(self, tvm, threads: int):
         self.tvm, self.threads = tvm, int(threads)
-        self._local = threading.local()
         self()
 
     def __call__(self) -> None:
-        if not getattr(self._local, "sized", False):
+        if getattr(_POOL, "threads", None) != self.threads:
             set_threads(self.tvm, self.threads)
-            self._local.sized = True
+            _POOL.threads = self.threads
 
 
 def _to_numpy(tensor) -> np.ndarray:

@@ -25,5 +25,5 @@ def test_manifest_describes_the_build(kws_pkg):
     assert m["inputs"] == [{"name": "features", "shape": [1, 1, 49, 40], "dtype": "float32"}]
     assert m["outputs"] == [{"name": "logits", "shape": [1, 12], "dtype": "float32"}]
     assert len(m["source"]["sha256"]) == 64
-    assert set(m["build"]["seconds"]) == {"source", "trace", "compile", "verify"}  # package: still being written
+    assert set(m["build"]["seconds"]) == {"source", "trace", "compile", "verify", "threads"}  # package: still being written
     assert m["compression"] == {"prune": None, "quantize": None}
