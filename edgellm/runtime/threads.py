@@ -65,13 +65,16 @@ def measure(make_run: Callable[[int], Callable[[], object]], work: str, threads:
 
 
 MODEL_WORK = "one call on the package's sample"
-LM_PROMPT, LM_NEW = 4, 8
-LM_WORK = f"greedy decode of {LM_NEW} tokens after a {LM_PROMPT}-token prompt"
+# one thread count serves both phases: the prompt's prefill (compute-bound: more cores help) and decode (memory-bound:
+# they stop helping early). A turn of a chat is both, so the timed work is too: timed on decode alone, SmolLM2-135M
+# chose 1 thread, which halves its prefill
+LM_PROMPT, LM_NEW = 32, 16
+LM_WORK = f"prefill of a {LM_PROMPT}-token prompt, then greedy decode of {LM_NEW} tokens"
 
 
 def measure_lm(lm, threads: list[int] | None = None) -> dict:
-    """A language model's record: decode is memory-bound, so more threads stop helping early. One loaded model
-    (the weights once), its TVM pool resized per count; 3 blocks of 3 short generations per count."""
+    """A language model's record: a short chat turn (prefill + decode) per call. One loaded model (the weights
+    once), its TVM pool resized per count; 3 blocks of 3 turns per count."""
     from edgellm.runtime.engines.tvm import PoolSizer
 
     prompt = [i % lm.config["vocab"] for i in range(1, LM_PROMPT + 1)]
