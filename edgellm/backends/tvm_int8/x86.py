@@ -1,23 +1,25 @@
-"""x86 AVX-512 schedule rule for the packed int8 dense (``compute.py``), with fused epilogue.
+"""x86 schedule rule for the packed int8 dense (``compute.py``), with fused epilogue.
 
 Matches a PrimFunc with exactly one reduction block
-``C[m, n] += int32(A[m, k]) * int32(W[n // 16, k // 4, n % 16, k % 4])`` (A uint8, W int8,
-C int32) plus injective producers / consumers (zero-point correction, dequantize, bias,
-activation, requantize of the next layer's input: all fused by FuseOps).
+``C[m, n] += int32(A[m, k]) * int32(W[n // L, k // 4, n % L, k % 4])`` (A uint8, W int8,
+C int32; L = 16 on AVX-512, 8 on AVX2) plus injective producers / consumers (zero-point
+correction, dequantize, bias, activation, requantize of the next layer's input: all fused by FuseOps).
 
 Schedule: parallel(row tiles x column tiles) -> k / 4 -> mr rows (unrolled) -> nv column
-vectors (unrolled) -> [16 lanes x 4 bytes] tensorized with a copy of TVM's ``dot_16x4_vnni``
-(``llvm.x86.avx512.vpdpbusd.512``: 64 u8 x s8 products into 16 int32 lanes per
-instruction; TVM's own passes <16 x i32> operands, which LLVM 18+ rejects, and accumulates
-into a global buffer). The accumulator tile lives in registers (``cache_write`` local); the
-epilogue runs on the 16-lane write-back. Outer tiles run in parallel when the dense has at
-least ``PARALLEL_MIN_MACS`` multiply-adds.
+vectors (unrolled) -> [L lanes x 4 bytes] tensorized with one of edgellm's dot products:
 
-Measured (Zen 4, 2 threads, 1024^3): 780 GOP/s, vs 134 GFLOP/s for the fp32 rule and 611
-GOP/s for ONNX Runtime's MatMulInteger (benchmarks/kernels.py --only-int8).
+* VNNI (AVX-512 VNNI: zmm; AVX-VNNI: ymm): ``vpdpbusd``, 4L u8 x s8 products into L int32 lanes
+  per instruction (TVM's own ``dot_16x4_vnni`` passes <16 x i32> operands, which LLVM 18+ rejects,
+  and accumulates into a global buffer);
+* no VNNI (AVX2, AVX-512BW): ``vpmaddubsw`` (pairs of u8 x s8 products, saturating int16) +
+  ``vpmaddwd`` with ones + add; exact because ``compute.packing`` keeps these weights to 7 bits.
 
-The AVX-512BW form (``vpmaddubsw`` + ``vpmaddwd``) is registered too but not selected:
-``compute.packing`` offers no int8 on x86 without VNNI (its int16 pair sums saturate).
+The accumulator tile lives in registers (``cache_write`` local); the epilogue runs on the
+write-back. Outer tiles run in parallel when the dense has at least ``PARALLEL_MIN_MACS``
+multiply-adds.
+
+Measured (2 threads, 1024^3, benchmarks/kernels.py --only-int8): Zen 4 VNNI 780 GOP/s vs ONNX
+Runtime's MatMulInteger 611; Zen 3 AVX2 222-292 GOP/s vs 270-300 (docs/tvm-int8.md).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def max_accumulators(lanes: int, vnni: bool) -> int:
     and the vector of ones leave."""
     if lanes == 16:
         return 24
-    return int(os.environ.get("EDGELLM_INT8_MAX_ACC", "12" if vnni else "8"))
+    return 12 if vnni else 8  # AVX2 without VNNI: 12 measured 222 GOP/s against 8's 238 (1024^3, Zen 3)
 #: below this many multiply-adds the dense runs on one thread: waking the pool costs more
 #: than it saves (kws-cnn's 500x64x64: 9.8 us on one thread, 15 us on two); a GEMV counts 4x
 #: (MobileNet's 1280x1000 classifier: 11.1 us on one thread, 5.5 on two; its 784x144x32
@@ -71,7 +73,7 @@ def _register_intrinsics() -> None:
         return desc
 
     def impl_for(lanes, vnni):
-        nbytes, i32, u8, i8, i16 = lanes * 4, f"int32x{lanes}", f"uint8x{lanes * 4}", f"int8x{lanes * 4}", f"int16x{lanes * 2}"
+        i32, u8, i8, i16 = f"int32x{lanes}", f"uint8x{lanes * 4}", f"int8x{lanes * 4}", f"int16x{lanes * 2}"
         bits = lanes * 32
         dpbusd = f"llvm.x86.avx512.vpdpbusd.{bits}"
         maddubs = "llvm.x86.avx512.pmaddubs.w.512" if bits == 512 else "llvm.x86.avx2.pmadd.ub.sw"
@@ -108,7 +110,6 @@ def _register_intrinsics() -> None:
                         B.vload([0, 0], dtype=i8), dtype=i16),
                     T.broadcast(T.int16(1), lanes * 2), dtype=i32)
 
-        assert nbytes in (32, 64)
         return dot_vnni if vnni else dot_madd
 
     for lanes in (16, 8):
