@@ -39,7 +39,7 @@ def _local_engine(compiled, target: targets.Target, threads: int | None = None):
         return None, f"{e.problem}; {where}"
     members = {name: Path(p).read_bytes() for name, p in compiled.files.items()}
     try:
-        return engines.get(compiled.info["name"])({"backend": compiled.info, "target": target.to_dict()}, members, threads or device.cpu_count()), None
+        return engines.get(compiled.info["name"])({"backend": compiled.info, "target": target.to_dict()}, members, threads or device.physical_cores()), None
     except NoGPUError as e:  # a GPU target on a machine without that GPU
         return None, f"{e.problem}; {where}"
 
@@ -93,7 +93,7 @@ def _try_backend(name, traced, tgt, options, workdir, contract, measure, stage, 
         detail = []
         with stage(f"measure {name}", detail, name):
             trial["p50_ms"] = _p50_ms(engine, traced)
-            detail.append(f"p50 {trial['p50_ms']:.3f} ms with {device.cpu_count()} threads")
+            detail.append(f"p50 {trial['p50_ms']:.3f} ms with {device.physical_cores()} threads")
     return trial
 
 
@@ -128,7 +128,7 @@ def _time_trials(trials: list[dict], traced, tgt) -> str:
     p50 = side_by_side({i: (lambda e=t["engine"]: e.run(arrays)) for i, t in enumerate(runnable)}, blocks=6, per_block=15)
     for i, t in enumerate(runnable):
         t["p50_ms"] = p50[i]
-    return ", ".join(f"{t['backend']} {t['precision']} {t['p50_ms']:.3f} ms" for t in runnable) + f" ({device.cpu_count()} threads)"
+    return ", ".join(f"{t['backend']} {t['precision']} {t['p50_ms']:.3f} ms" for t in runnable) + f" ({device.physical_cores()} threads)"
 
 
 def _measure_threads(chosen: dict, traced, tgt) -> tuple[dict | None, str]:
@@ -165,7 +165,7 @@ def _choose(trials: list[dict], auto: bool) -> tuple[dict, dict | None]:
               "status": t.get("verification", {}).get("status", "failed"),
               **({"rel_max_abs": t["verification"]["rel_max_abs"]} if "rel_max_abs" in t.get("verification", {}) else {}),
               **({"error": t["error"]} if "error" in t else {})} for t in trials]
-    return chosen, {"chosen": chosen["backend"], "why": why, "threads": device.cpu_count(), "trials": table}
+    return chosen, {"chosen": chosen["backend"], "why": why, "threads": device.physical_cores(), "trials": table}
 
 
 def build(source: str | Recipe, target: str | targets.Target | Recipe = "host", output: str | Path | None = None, *,
@@ -284,7 +284,7 @@ def _build(source, target, output, progress, log, *, backend, input_shapes, inpu
             detail = []
             with stage("measure", detail):
                 detail.append(_time_trials(trials, traced, tgt))
-            chosen, precision_choice = precisions.choose(trials, recipe.max_drop, tgt.name, device.cpu_count())
+            chosen, precision_choice = precisions.choose(trials, recipe.max_drop, tgt.name, device.physical_cores())
             comparison = None
             plan.quantize = "int8" if chosen["precision"] == "int8" else plan.quantize
             plan.evaluation = chosen.get("evaluation")
