@@ -43,7 +43,7 @@ def read_inputs(model, paths: list[str]) -> dict[str, np.ndarray]:
 
 def measure_package(path, trusted_keys=None, counts: list[int] | None = None) -> dict:
     """Load the package and time it here (``python -m edgellm.runtime threads``): a model's call on its stored sample,
-    one loaded copy per thread count; a language model's short decode (``threads.measure_lm``)."""
+    one loaded copy per thread count; a language model's short chat turn (``threads.measure_lm``)."""
     from edgellm.runtime import threads
 
     first = load(path, threads=1, trusted_keys=trusted_keys)
