@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +39,12 @@ def _ort_int8(onnx_path: Path, samples: list[dict], workdir: Path) -> Path:
             return next(self.it, None)
 
     out = workdir / "model-int8.onnx"
-    quantize_static(str(onnx_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    logging.disable(logging.WARNING)  # quantize_static warns on the root logger (LayerNorm axes, pre-processing advice)
+    try:
+        quantize_static(str(onnx_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
     return out
 
 
@@ -49,6 +54,7 @@ def _peers(src, traced, threads: int, workdir: Path, int8_samples: list[dict] | 
     import openvino as ov
     import torch
 
+    ort.set_default_logger_severity(3)  # ORT's own warnings (unused initializers) reach the user otherwise; quantize_static's sessions too
     runners = {}
     feed_order = [s.name for s in traced.inputs]
     if isinstance(src.model, torch.nn.Module):

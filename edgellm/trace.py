@@ -218,6 +218,7 @@ def trace_onnx(source: Source, shapes: dict, values: dict | None = None, given: 
     verify with (--sample), in place of random draws, their shapes fixing dims --input-shape does not."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # ORT's graph warnings are not the user's business
     model = _frozen(source.model, values) if values else source.model
     given = given or {}
     graph = model.graph

@@ -111,6 +111,7 @@ def reference_runner(src, input_names: list[str]) -> Callable[[Sample], list[np.
     if src.kind == "onnx":
         import onnxruntime as ort
 
+        ort.set_default_logger_severity(3)  # ORT's graph warnings are not the user's business
         session = ort.InferenceSession(src.model.SerializeToString(), providers=["CPUExecutionProvider"])
         return lambda sample: session.run(None, {n: sample[n] for n in input_names})
     module = src.model.module() if src.kind == "pt2" else src.model

@@ -1,6 +1,7 @@
 """TVM int8 on x86_64: the packed u8 x s8 -> s32 dense really runs the target's instruction (vpdpbusd with
 AVX-512 VNNI or AVX-VNNI, vpmaddubsw + vpmaddwd on AVX2 / AVX-512BW), is exact, and a small model built
-with ``--quantize int8`` keeps its fp32 answers.
+with ``--quantize int8`` keeps its fp32 answers. A kernel whose instructions this CPU lacks runs on an
+emulated Intel core that has them (tests/x86_emulator.py: Bochs), so every form is checked for its results.
 
 Tolerances: the int8 kernel is integer arithmetic, compared for exact equality with numpy (int64).
 The small model: cosine >= 0.995 vs fp32 and top-1 agreement >= 90% on 32 held-out random inputs
@@ -24,6 +25,7 @@ from edgellm import backends, targets
 from edgellm.backends.tvm_int8.compute import dense_int8_primfunc, pack_weight, packing
 from edgellm.backends.tvm_int8.x86 import PackedDenseX86
 from edgellm.runtime import device, engines
+from tests import x86_emulator
 
 AVX512_VNNI = targets.resolve("x86_64-avx512")
 CAN_RUN = {"avx512f", "avx512_vnni"} <= set(device.cpu_flags()) if hasattr(device, "cpu_flags") else False
@@ -56,18 +58,21 @@ def test_int8_without_avx2_is_a_clear_error(tmp_path):
         backends.get("tvm").compile(_Small.traced(), sse, {"quantize": "int8", "calibration": []}, tmp_path)
 
 
-#: (target, instruction and register the kernel must use, /proc/cpuinfo flags needed to run it)
+#: (target, instruction and register the kernel must use, /proc/cpuinfo flags needed to run it, the Bochs
+#: CPU model that has them, for hosts that do not)
 KERNELS = [
-    (AVX512_VNNI.tvm, r"vpdpbusd\s+.*zmm", {"avx512f", "avx512_vnni"}),
-    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}, r"vpmaddubsw\s+.*ymm", {"avx2"}),
-    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4"}, r"vpmaddubsw\s+.*zmm", {"avx512f", "avx512bw"}),
-    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "alderlake"}, r"vpdpbusd\s+.*ymm", {"avx2", "avx_vnni"}),
+    (AVX512_VNNI.tvm, r"vpdpbusd\s+.*zmm", {"avx512f", "avx512_vnni"}, "sapphire_rapids"),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}, r"vpmaddubsw\s+.*ymm", {"avx2"}, "skylake_x"),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4"}, r"vpmaddubsw\s+.*zmm", {"avx512f", "avx512bw"},
+     "skylake_x"),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "alderlake"}, r"vpdpbusd\s+.*ymm", {"avx2", "avx_vnni"},
+     "arrow_lake"),
 ]
 
 
-@pytest.mark.parametrize("target_dict, instruction, flags", KERNELS, ids=["avx512-vnni", "avx2", "avx512bw", "avx-vnni"])
+@pytest.mark.parametrize("target_dict, instruction, flags, emulated", KERNELS, ids=["avx512-vnni", "avx2", "avx512bw", "avx-vnni"])
 @pytest.mark.parametrize("m,k,n", [(49, 96, 160), (8, 64, 16), (1, 256, 64)])
-def test_packed_dense_is_exact_with_the_targets_instruction(target_dict, instruction, flags, m, k, n):
+def test_packed_dense_is_exact_with_the_targets_instruction(target_dict, instruction, flags, emulated, m, k, n):
     target = tvm.target.Target(target_dict)
     pk = packing(target)
     sch = PackedDenseX86().apply(dense_int8_primfunc(m, k, n, pk.lanes, "uint8"), target, False)
@@ -75,18 +80,33 @@ def test_packed_dense_is_exact_with_the_targets_instruction(target_dict, instruc
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target)
     asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
     assert re.search(instruction, asm), f"no {instruction} in the generated code"
-    if not flags <= set(device.cpu_flags()):
-        pytest.skip(f"this CPU lacks {sorted(flags - set(device.cpu_flags()))}")
     rng = np.random.default_rng(0)
     # the extremes included: 255 x +-weight_max in every pair is where vpmaddubsw's int16 sums would saturate
     a = rng.integers(0, 256, (m, k)).astype(np.uint8)
     w = rng.integers(-pk.weight_max, pk.weight_max + 1, (n, k)).astype(np.int8)
     a[0, :] = 255
     w[0, :], w[-1, :] = pk.weight_max, -pk.weight_max
-    dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros((m, n), np.int32), dev)
-    lib["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(pack_weight(w, pk.lanes), dev), out)
-    np.testing.assert_array_equal(out.numpy(), a.astype(np.int64) @ w.astype(np.int64).T)
+    packed = pack_weight(w, pk.lanes)
+    if flags <= set(device.cpu_flags()):
+        dev = tvm.cpu()
+        out = tvm.runtime.tensor(np.zeros((m, n), np.int32), dev)
+        lib["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(packed, dev), out)
+        out = out.numpy()
+    else:
+        out = x86_emulator.run_primfunc(lib, [a, packed, np.zeros((m, n), np.int32)], emulated)[2]
+    np.testing.assert_array_equal(out, a.astype(np.int64) @ w.astype(np.int64).T)
+
+
+def test_emulated_cpu_refuses_an_instruction_its_model_lacks():
+    """The emulator is a real check: Skylake-X has AVX-512 but no VNNI, so the VNNI kernel stops there
+    with #UD, while the same kernel returns on Sapphire Rapids (above)."""
+    target = _tvm_target()
+    pk = packing(target)
+    sch = PackedDenseX86().apply(dense_int8_primfunc(8, 64, 16, pk.lanes, "uint8"), target, False)
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target)
+    arrays = [np.ones((8, 64), np.uint8), np.ones((1, 16, 16, 4), np.int8), np.zeros((8, 16), np.int32)]
+    with pytest.raises(x86_emulator.EmulationError, match="#UD"):
+        x86_emulator.run_primfunc(lib, arrays, "skylake_x")
 
 
 def test_rule_leaves_float_matmuls_alone():
