@@ -1,7 +1,8 @@
 """What each ``--precision`` means: which targets and backends can run it, and the accuracy its package promises.
 
     fp32   the reference arithmetic (OpenVINO pinned to f32: it would pick bf16 on CPUs that have it)
-    bf16   OpenVINO's CPU plugin with INFERENCE_PRECISION_HINT=bf16, on x86 cores with avx512_bf16 or AMX
+    bf16   OpenVINO's CPU plugin with INFERENCE_PRECISION_HINT=bf16, on x86 cores with avx512_bf16 or AMX; TVM's
+           vdpbf16ps kernels (edgellm/backends/tvm_bf16.py) for matmuls and 1x1 convs on cores with avx512_bf16
     fp16   TVM's ToMixedPrecision (fp16 arithmetic, fp32 accumulation, fp32 in and out): NVIDIA GPUs, and
            arm64 cores with fp16 arithmetic (+fullfp16: rpi5, jetson-orin-cpu)
     int8   ``--quantize int8`` (edgellm/compress): calibrated post-training int8
@@ -38,8 +39,11 @@ def has_fp16(target) -> bool:
 
 
 def backends_for(target, precision: str) -> list[str]:
-    """The target's backends that can run ``precision``, in the target's order."""
-    able = {"bf16": ("openvino",), "fp16": ("tvm",)}.get(precision)
+    """The target's backends that can run ``precision``, in the target's order; bf16: OpenVINO first (AMX tiles
+    where the core has them), then TVM where the core has AVX512-BF16 (``vdpbf16ps``, no AMX)."""
+    if precision == "bf16":
+        return [b for b in ("openvino", "tvm") if b in target.backends and (b == "openvino" or "avx512_bf16" in target.has)]
+    able = {"fp16": ("tvm",)}.get(precision)
     return [b for b in target.backends if able is None or b in able]
 
 

@@ -49,8 +49,8 @@ class Backend:
         tvm_target = tvm.target.Target(target.tvm)
         pipeline_name = options.get("pipeline") or "default"
         precision = options.get("precision") or "fp32"
-        if precision == "bf16":
-            raise EdgeError("TVM has no bf16 CPU kernels in this edgellm", "use --backend openvino for --precision bf16")
+        if precision == "bf16" and (options.get("tune") or options.get("tuning_db")):
+            raise EdgeError("--tune / --tuning-db do not combine with --precision bf16 yet", "build bf16 without tuning")
         if precision == "fp16" and (options.get("tune") or options.get("tuning_db")):
             raise EdgeError("--tune / --tuning-db do not combine with --precision fp16 yet", "build fp16 without tuning")
         quant_info = None
@@ -64,6 +64,16 @@ class Backend:
             from edgellm.compress.quantize import check
 
             check(self.name, options["quantize"])
+        bf16_info = None
+        if precision == "bf16":  # edgellm/backends/tvm_bf16.py: vdpbf16ps dense for matmuls and 1x1 convs
+            from edgellm.backends import tvm_bf16
+
+            if not tvm_bf16.has_avx512_bf16(tvm_target):
+                raise EdgeError(f"TVM's bf16 kernels need AVX512-BF16; target {target.name} ({tvm_target.attrs.get('mcpu', '')}) lacks it",
+                                "use --target x86_64-amx, or --backend openvino for --precision bf16")
+            if (pipeline_name if pipeline_name != "default" else tvm_pipelines.default_name()) != "edgellm":
+                raise EdgeError("TVM bf16 needs the edgellm pipeline (its bf16 schedule rule)", "drop --pipeline, or use --pipeline edgellm")
+            mod, bf16_info = tvm_bf16.rewrite(mod, tvm_target)
         tuning, db_dir = None, None
         if options.get("tune") or options.get("tuning_db"):
             from edgellm.backends import tvm_tune
@@ -96,7 +106,7 @@ class Backend:
                 "tvm_ffi": FFI_VERSION,
                 "pipeline": tvm_pipelines.default_name() if pipeline_name == "default" else pipeline_name,
                 "tvm_target": str(tvm_target),
-                "precision": FP16_CPU_INFO if precision == "fp16" else {"compute": "fp32"},
+                "precision": FP16_CPU_INFO if precision == "fp16" else bf16_info or {"compute": "fp32"},
                 **({"tuning_db": str(db_dir)} if db_dir else {}),
                 **({"quantize": quant_info} if quant_info else {}),
                 **({"tuning": {k: tuning[k] for k in ("tasks", "tuned", "reused", "skipped", "trials", "seconds")}}

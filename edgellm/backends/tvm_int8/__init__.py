@@ -38,10 +38,11 @@ def int8_rules() -> list:
 
 
 def schedule_rules() -> list:
-    """edgellm's whole rule set: the int8 rules (they match only the int8 rewrite's kernels), then tvm_cpu's fp32 rules."""
+    """edgellm's whole rule set: the int8 and bf16 rules (they match only their rewrites' kernels), then tvm_cpu's fp32 rules."""
+    from edgellm.backends.tvm_bf16 import bf16_rules
     from edgellm.backends.tvm_cpu import schedule_rules as fp32_rules
 
-    return [*int8_rules(), *fp32_rules()]
+    return [*int8_rules(), *bf16_rules(), *fp32_rules()]
 
 
 def pipeline(target, before_rules: list | tuple = (), precision: str = "fp32"):

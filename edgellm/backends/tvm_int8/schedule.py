@@ -5,6 +5,8 @@ x86 (``x86.py``: 16 lanes, ``vpdpbusd``) and arm64 (``arm.py``: 4 lanes, ``sdot`
 
     parallel tiles -> k/4 -> mr rows -> nv column vectors -> [lanes n x 4 k] tensorized
 
+(and the bf16 dense of ``tvm_bf16.py``: 2 k values a lane, ``vdpbf16ps``)
+
 with the int32 accumulator tile in registers (``cache_write`` to ``local``), the fused epilogue
 (dequantize, bias, activation, requantize) inlined into the vectorized write-back, and producers
 (the activation quantize) scheduled as their own parallel loops.
@@ -41,11 +43,12 @@ def choose_tile(m: int, n_vectors: int, max_acc: int, max_mr: int = 8, max_nv: i
 
 
 def schedule_packed_dense(sch, main, lanes: int, intrin: str, max_acc: int, *, max_nv_gemv: int = 4,
-                          square: bool = False, parallel_min_macs: int = 0):
+                          square: bool = False, parallel_min_macs: int = 0, k_group: int = 4):
     """Schedule the matched dense block ``main`` (normalized info) and its fused producers / epilogue.
 
     ``max_nv_gemv``: column vectors per tile when M == 1 (more independent accumulators for a GEMV);
-    ``parallel_min_macs``: below this many multiply-adds the dense stays on one thread."""
+    ``parallel_min_macs``: below this many multiply-adds the dense stays on one thread;
+    ``k_group``: k values one lane reduces per instruction (int8: 4; bf16's ``vdpbf16ps``: 2)."""
     block = main.block_rv
     loops = sch.get_loops(block)
     if len(loops) not in (2, 3):
@@ -53,7 +56,7 @@ def schedule_packed_dense(sch, main, lanes: int, intrin: str, max_acc: int, *, m
     lm, ln, lk = loops if len(loops) == 3 else [None, *loops]  # M == 1: the unit row loop is gone
     M = static_extent(sch, lm) if lm is not None else 1
     N, K = static_extent(sch, ln), static_extent(sch, lk)
-    if N % lanes or K % 4:
+    if N % lanes or K % k_group:
         raise NotApplicable("N or K not padded")
     mr, nv = choose_tile(M, N // lanes, max_acc, max_nv=max_nv_gemv if M == 1 else 4, square=square)
 
@@ -62,7 +65,7 @@ def schedule_packed_dense(sch, main, lanes: int, intrin: str, max_acc: int, *, m
     mo, mi = sch.split(lm, factors=[None, mr]) if lm is not None else (None, None)
     no, ni = sch.split(ln, factors=[None, lanes])
     nvo, nvi = sch.split(no, factors=[None, nv])
-    ko, ki = sch.split(lk, factors=[None, 4])
+    ko, ki = sch.split(lk, factors=[None, k_group])
     if mo is None:
         tiles = [nvo]
     else:  # weights larger than the activations: column panels outermost, so a panel stays in cache

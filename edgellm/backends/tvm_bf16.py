@@ -1,0 +1,257 @@
+"""bf16 for edgellm's TVM CPU backend: matmuls and 1x1 convs with constant weights on AVX512-BF16.
+
+    mod, info = rewrite(mod, tvm_target)     # tvm.py, for --precision bf16 --backend tvm
+
+Each ``y = op(x, W)`` (``relax.matmul`` with a constant 2-D weight, NHWC 1x1 ``conv2d``) becomes::
+
+    a = reshape(to_bf16(x), [M, K])                  # fp32 -> bf16 bits (uint16), round to nearest even
+    y = reshape(call_tir(dense_bf16, a, W_packed)[:, :N], shape(y))   # fp32 out
+
+``W_packed`` is ``[N/16, K/2, 16, 2]`` bf16 (one zmm register's 16 lanes x 2 values a k step), made at
+compile time. The dense accumulates in fp32: ``vdpbf16ps`` multiplies bf16 pairs exactly and adds
+them into 16 fp32 lanes. The schedule is the int8 dense's (``tvm_int8/schedule.py``: register tile,
+panels, fused epilogue) with 2 k values a lane instead of 4. Everything else (bias, activations,
+softmax, layer norms, attention's activation x activation matmuls, depthwise and kxk convs) stays fp32.
+
+bf16 is carried as ``uint16`` bits in TIR: TVM's own bf16 (``BF16ComputeLegalize``) turns every bf16
+expression back into fp32 arithmetic on LLVM targets, and LLVM >= 17 declares ``vdpbf16ps`` on
+``<32 x bfloat>``, which TIR cannot spell. So the instruction comes from a three-line LLVM function
+(``_LL``: bitcasts + the intrinsic, ``alwaysinline``) that TVM links into the module
+(``pragma_import_llvm``) and that the tensor intrinsic calls.
+
+Checked on Bochs's emulated Sapphire Rapids where this CPU lacks AVX512-BF16 (tests/x86_emulator.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ATTR = "edgellm.bf16_dense"
+LANES = 16  # fp32 lanes of a zmm register: output channels per weight panel row
+K_GROUP = 2  # bf16 values a lane takes per k step
+
+_LL = r"""
+define linkonce_odr <16 x float> @edgellm_dpbf16ps_512(<16 x float> %acc, <16 x i32> %a, <16 x i32> %b) alwaysinline {
+  %x = bitcast <16 x i32> %a to <32 x bfloat>
+  %y = bitcast <16 x i32> %b to <32 x bfloat>
+  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %x, <32 x bfloat> %y)
+  ret <16 x float> %r
+}
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+"""
+
+_BF16_CPUS = ("cooperlake", "sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids",
+              "znver4", "znver5")
+
+
+def has_avx512_bf16(target) -> bool:
+    """True when the llvm target may use ``vdpbf16ps`` (AVX512-BF16: Cooper Lake, Sapphire Rapids on, Zen 4 on)."""
+    from edgellm.backends.tvm_cpu.target_info import _attrs
+
+    if target is None or target.kind.name != "llvm":
+        return False
+    mcpu, mattr, mtriple = _attrs(target)
+    if not mtriple.startswith("x86_64") or "-avx512bf16" in mattr:
+        return False
+    return "+avx512bf16" in mattr or mcpu in _BF16_CPUS
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bits (uint16), round to nearest even (as ``vcvtneps2bf16`` and ``to_bf16_te``)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def pack_weight(w_nk_bits: np.ndarray) -> np.ndarray:
+    """bf16 bits ``[N, K]`` (N a multiple of 16, K even) -> ``[N/16, K/2, 16, 2]``."""
+    n, k = w_nk_bits.shape
+    assert n % LANES == 0 and k % K_GROUP == 0, (n, k)
+    return np.ascontiguousarray(w_nk_bits.reshape(n // LANES, LANES, k // K_GROUP, K_GROUP).transpose(0, 2, 1, 3))
+
+
+def _f32(bits):
+    """bf16 bits (a uint16 TIR value) -> the fp32 value it stands for: the bits are fp32's upper half."""
+    from tvm import tirx
+
+    return tirx.reinterpret("float32", bits.astype("uint32") << tirx.const(16, "uint32"))
+
+
+def to_bf16_te(x, name: str = "to_bf16"):
+    """TE: fp32 tensor -> bf16 bits, round to nearest even (elementwise: fuses into its producer)."""
+    from tvm import te, tirx
+
+    def f(*i):
+        u = tirx.reinterpret("uint32", x(*i))
+        return ((u + tirx.const(0x7FFF, "uint32") + ((u >> tirx.const(16, "uint32")) & tirx.const(1, "uint32")))
+                >> tirx.const(16, "uint32")).astype("uint16")
+
+    return te.compute(x.shape, f, name=name)
+
+
+def dense_bf16_te(A, W, name: str = "dense_bf16"):
+    """``C[m, n] (fp32) = sum_k f32(A[m, k]) * f32(W[n // 16, k // 2, n % 16, k % 2])``; A ``[M, K]`` and
+    W bf16 bits (uint16)."""
+    from tvm import te
+
+    M, K = A.shape
+    NB = W.shape[0]
+    k = te.reduce_axis((0, K), name="k")
+    return te.compute((M, NB * LANES),
+                      lambda m, n: te.sum(_f32(A[m, k]) * _f32(W[n // LANES, k // K_GROUP, n % LANES, k % K_GROUP]), axis=k),
+                      name=name)
+
+
+def dense_bf16_primfunc(M: int, K: int, N: int):
+    """A standalone PrimFunc (A, W) -> C of the packed bf16 dense, for kernels and tests."""
+    from tvm import te
+
+    A = te.placeholder((M, K), "uint16", name="A")
+    W = te.placeholder((N // LANES, K // K_GROUP, LANES, K_GROUP), "uint16", name="W")
+    return te.create_prim_func([A, W, dense_bf16_te(A, W)]).with_attr(ATTR, True)
+
+
+INTRIN = "edgellm_dot_16x2_bf16_f32_local"
+_REGISTERED: set = set()
+
+
+def _register_intrinsic() -> None:
+    """[16 lanes x 2 k] bf16 dot product into a ``local`` fp32 accumulator: one ``vdpbf16ps``."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    if _REGISTERED:
+        return
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((2,), "uint16", offset_factor=1), B: T.Buffer((16, 2), "uint16", offset_factor=1),
+             C: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.reinterpret("float32", T.shift_left(T.Cast("uint32", A[vk]), T.uint32(16))) \
+                            * T.reinterpret("float32", T.shift_left(T.Cast("uint32", B[vi, vk]), T.uint32(16)))
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((2,), "uint16", offset_factor=1), B: T.Buffer((16, 2), "uint16", offset_factor=1),
+             C: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+            T.writes(C[0:16])
+            with T.attr(0, "pragma_import_llvm", _LL):
+                C[T.ramp(T.int32(0), 1, 16)] = T.call_pure_extern(
+                    "float32x16", "edgellm_dpbf16ps_512", C.vload([0], dtype="float32x16"),
+                    T.broadcast(T.reinterpret(A.vload([0], "uint16x2"), dtype="int32"), 16),
+                    T.reinterpret(B.vload([0, 0], dtype="uint16x32"), dtype="int32x16"))
+
+    TensorIntrin.register(INTRIN, desc, impl, override=True)
+    _REGISTERED.add(True)
+
+
+def _rule_class():
+    from edgellm.backends.tvm_cpu._common import NotApplicable, SafeRule
+    from edgellm.backends.tvm_cpu.matmul import find_single_reduction
+    from edgellm.backends.tvm_int8.schedule import schedule_packed_dense
+    from edgellm.backends.tvm_int8.x86 import PARALLEL_MIN_MACS
+
+    class PackedDenseBF16(SafeRule):
+        """The packed bf16 dense on AVX512-BF16: ``vdpbf16ps`` zmm, 24 fp32 accumulators in registers."""
+
+        def schedule(self, sch, func, target):
+            if not has_avx512_bf16(target):
+                raise NotApplicable("not an AVX512-BF16 target")
+            _, main = find_single_reduction(sch)
+            stmt = sch.get(main.block_rv)
+            if len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "float32":
+                raise NotApplicable("not an fp32 accumulation")
+            if "".join(i.kind for i in main.iters) not in ("SSR", "SR"):
+                raise NotApplicable("not [m, n, k]")
+            srcs = [r.source for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
+            act = [b for b in srcs if len(b.shape) == 2 and str(b.dtype) == "uint16"]
+            wgt = [b for b in srcs if len(b.shape) == 4 and str(b.dtype) == "uint16"
+                   and int(b.shape[2]) == LANES and int(b.shape[3]) == K_GROUP]
+            if len(act) != 1 or len(wgt) != 1:
+                raise NotApplicable("operands are not [M, K] bf16 activations and [N/16, K/2, 16, 2] bf16 weights")
+            _register_intrinsic()
+            return schedule_packed_dense(sch, main, LANES, INTRIN, 24, k_group=K_GROUP, parallel_min_macs=PARALLEL_MIN_MACS)
+
+    return PackedDenseBF16
+
+
+def bf16_rules() -> list:
+    return [_rule_class()()]
+
+
+def rewrite(mod, tvm_target):
+    """(bf16 module, manifest info) for ``--precision bf16`` on an AVX512-BF16 llvm target."""
+    import collections
+
+    import tvm
+    from tvm import relax
+
+    from edgellm.backends.tvm_cpu.relax_passes import layout_passes
+    from edgellm.backends.tvm_int8.rewrite import _is_im2col, _shape, binding_keys, candidate, sink_reshapes
+    from edgellm.errors import EdgeError
+
+    with tvm_target:
+        mod = layout_passes(mod)
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def __init__(self, m):
+            super().__init__(m)
+            self.done = 0
+            self.left = collections.Counter()
+
+        def visit_var_binding_(self, binding):
+            value = binding.value
+            if isinstance(value, relax.Call):
+                kind, w_nk, why = candidate(value)
+                if kind and w_nk is not None and not _is_im2col(value):
+                    new = self._dense(self.visit_expr(value), w_nk)
+                    emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+                    self.set_var_remap(binding.var, emit(new, name_hint=binding.var.name))
+                    self.done += 1
+                    return
+                if kind:
+                    self.left[f"{kind}: {why or 'a kxk conv'}"] += 1
+            super().visit_var_binding_(binding)
+
+        def _dense(self, call, w_nk):
+            bb = self.builder_
+            out_shape = _shape(call)
+            n, k = w_nk.shape
+            m = int(np.prod(out_shape[:-1]))
+            n_pad = -n % LANES
+            packed = pack_weight(to_bf16_bits(np.pad(w_nk, ((0, n_pad), (0, 0)))))
+            a = bb.emit(bb.call_te(to_bf16_te, call.args[0], primfunc_name_hint="to_bf16"))
+            a = bb.emit(relax.op.reshape(a, [m, k]))
+            y = bb.emit(bb.call_te(dense_bf16_te, a, relax.const(packed), primfunc_name_hint="dense_bf16"))
+            if n_pad:
+                y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+            return relax.op.reshape(y, out_shape)
+
+    rw = _Rewriter(mod)
+    gv = mod.get_global_var("main")
+    binding_keys(mod[gv])
+    rw.builder_.update_func(gv, rw.visit_expr(mod[gv]))
+    out = sink_reshapes(relax.transform.DeadCodeElimination()(rw.builder_.get()))
+    if not rw.done:
+        raise EdgeError("no layer of this model can run in bf16 with TVM (no matmul or 1x1 conv with constant weights)",
+                        "build fp32, or use --backend openvino for --precision bf16")
+    info = {
+        "compute": "bf16 x bf16 -> fp32 (avx512-bf16 vdpbf16ps) in matmuls and 1x1 convs with constant weights; "
+                   "the rest fp32",
+        "weights": "bf16 (round to nearest even)",
+        "activations": "bf16 into those layers, rounded to nearest even in the producer's kernel",
+        "layers_bf16": rw.done,
+        "layers_fp32": dict(rw.left),
+    }
+    return out, info
