@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm import api, targets
+from edgellm import api, precision, targets
 from edgellm.compress.evaluate import wake
 from edgellm.runtime import device
 from edgellm.runtime.accuracy import compare
@@ -129,6 +129,8 @@ def bench_one(ref: str, threads: int, runs: int, warmup: int, build_dir: Path, p
         variants.append(("edgellm-tvm-tuned", {"backend": "tvm", "tune": tune, "tune_budget": tune_budget}))
     if quantize:
         variants += [(f"edgellm-{b}-{quantize}", {"backend": b, "quantize": quantize, "calib": calib}) for b in host.backends]
+    if precision.has_bf16(host):  # the peers' bf16 (plain OpenVINO's default here) meets edgellm's own
+        variants += [(f"edgellm-{b}-bf16", {"backend": b, "precision": "bf16"}) for b in precision.backends_for(host, "bf16")]
     skipped = {}
     with tempfile.TemporaryDirectory(prefix="edgellm-bench-") as tmp:
         say(f"{src.name}: setting up the peers")

@@ -221,7 +221,7 @@ def rewrite(mod, tvm_target):
                     self.done += 1
                     return
                 if kind:
-                    self.left[f"{kind}: {why or 'a kxk conv'}"] += 1
+                    self.left[f"{kind}: {why or 'kxk (bf16 takes matmuls and 1x1 convs)'}"] += 1
             super().visit_var_binding_(binding)
 
         def _dense(self, call, w_nk):

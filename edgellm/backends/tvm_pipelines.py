@@ -3,7 +3,8 @@
 The CPU schedule pipeline is one swappable piece: ``--pipeline NAME`` picks one, and the
 default is chosen by target kind. ``stock`` is TVM's own cpu_generic pipeline (legalize and
 fuse; no tiling, vectorization or threads); ``edgellm`` adds edgellm's schedule rules
-(edgellm/backends/tvm_cpu/, with the int8 ones of edgellm/backends/tvm_int8/ in front).
+(edgellm/backends/tvm_cpu/, with the int8 ones of edgellm/backends/tvm_int8/ and the bf16 one of
+edgellm/backends/tvm_bf16.py in front).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ def _stock(target, precision="fp32"):
 
 
 def _edgellm(target, precision="fp32"):
-    from edgellm.backends.tvm_int8 import pipeline  # tvm_cpu's pipeline with the int8 rules in front
+    from edgellm.backends.tvm_bf16 import bf16_rules
+    from edgellm.backends.tvm_int8 import pipeline  # tvm_cpu's pipeline with the int8 (and bf16) rules in front
 
-    return pipeline(target, precision=precision)
+    return pipeline(target, precision=precision, extra_rules=bf16_rules())
 
 
 PIPELINES = {"stock": _stock}

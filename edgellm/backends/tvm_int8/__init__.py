@@ -37,19 +37,20 @@ def int8_rules() -> list:
     return [Im2col(), PackedDenseX86(), DepthwiseU8X86(), *arm_rules()]
 
 
-def schedule_rules() -> list:
-    """edgellm's whole rule set: the int8 and bf16 rules (they match only their rewrites' kernels), then tvm_cpu's fp32 rules."""
-    from edgellm.backends.tvm_bf16 import bf16_rules
+def schedule_rules(extra_rules: list | tuple = ()) -> list:
+    """edgellm's whole rule set: the int8 rules and ``extra_rules`` (tvm_bf16's; each matches only its rewrite's
+    kernels), then tvm_cpu's fp32 rules."""
     from edgellm.backends.tvm_cpu import schedule_rules as fp32_rules
 
-    return [*int8_rules(), *bf16_rules(), *fp32_rules()]
+    return [*int8_rules(), *extra_rules, *fp32_rules()]
 
 
-def pipeline(target, before_rules: list | tuple = (), precision: str = "fp32"):
-    """tvm_cpu's pipeline with ``schedule_rules()``: what ``--pipeline edgellm`` compiles with."""
+def pipeline(target, before_rules: list | tuple = (), precision: str = "fp32", extra_rules: list | tuple = ()):
+    """tvm_cpu's pipeline with ``schedule_rules(extra_rules)``: what ``--pipeline edgellm`` compiles with
+    (tvm_pipelines adds the bf16 rule)."""
     from edgellm.backends.tvm_cpu import pipeline as cpu_pipeline
 
-    return cpu_pipeline(target, before_rules, rules=schedule_rules(), precision=precision)
+    return cpu_pipeline(target, before_rules, rules=schedule_rules(extra_rules), precision=precision)
 
 
 def _is_transformer(mod) -> bool:
