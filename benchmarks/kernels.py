@@ -50,8 +50,15 @@ from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
 from edgellm.backends.tvm_cpu import pipeline  # noqa: E402
 
 
+#: seconds of quiet before each timed block: ONNX Runtime's and OpenMP's workers spin on after a call, and a
+#: block that starts right after another engine's shares the cores with them (edgellm's int8 1024^3 dense
+#: measured 174 GOP/s right after an ONNX Runtime block, 258 after a 0.1 s pause; ORT 268 either way)
+SETTLE_S = 0.2
+
+
 def best_median(fn, number: int, repeat: int) -> float:
     """Seconds per call: the best (over ``repeat``) median-free mean of ``number`` calls."""
+    time.sleep(SETTLE_S)
     fn()
     best = float("inf")
     for _ in range(repeat):
@@ -74,6 +81,7 @@ def compile_torch(model, x, target, use_pipeline=True):
 
 def time_vm(vm, x, number, repeat):
     arg = tvm.runtime.tensor(x.numpy())
+    time.sleep(SETTLE_S)
     vm["main"](arg)
     res = vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)(arg)
     return min(res.results)

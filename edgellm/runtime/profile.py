@@ -37,12 +37,16 @@ def time_runs(run, runs: int, warmup: int = 0) -> list[float]:
 
 
 WAKE_S = 0.02  # untimed running of an engine before each of its timed blocks
+SETTLE_S = 0.1  # a pause before that: the last engine's workers stop spinning
 
 
 def wake(run: Callable[[], object], seconds: float = WAKE_S) -> None:
-    """Run ``run`` untimed for ``seconds`` (at least once): this engine's threads wake, and the last engine's
-    spinning workers give the cores back. One call was not enough (kws-cnn: ONNX Runtime 0.077 ms right
-    after TVM, 0.124 ms after PyTorch; TVM 0.157 ms right after ONNX Runtime's block, 0.077 alone)."""
+    """Pause ``SETTLE_S``, then run ``run`` untimed for ``seconds`` (at least once): the last engine's
+    spinning workers give the cores back, and this engine's threads wake. One call was not enough (kws-cnn:
+    ONNX Runtime 0.077 ms right after TVM, 0.124 ms after PyTorch; TVM 0.157 ms right after ONNX Runtime's
+    block, 0.077 alone), nor was running on for 20 ms when a call takes longer than ORT's workers spin
+    (the int8 1024^3 dense: 174 GOP/s right after ORT's block, 258 after a 0.1 s pause)."""
+    time.sleep(SETTLE_S)
     until = time.perf_counter() + seconds
     run()
     while time.perf_counter() < until:
