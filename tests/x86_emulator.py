@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import struct
 import subprocess
 import sys
@@ -288,4 +289,5 @@ if __name__ == "__main__":
         np.savez(_work / "out.npz", *_emulate(_work, sys.argv[2]))
     except EmulationError as e:
         (_work / "error.txt").write_text(str(e))
-        sys.exit(1)
+        os._exit(1)
+    os._exit(0)  # no interpreter teardown: bochscpu's bindings can crash at exit after a stopped run
