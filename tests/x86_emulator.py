@@ -154,17 +154,22 @@ def _load(elf: Path) -> tuple[list[tuple[int, bytes, int]], dict[str, int]]:
 
 def run_primfunc(lib, arrays: list[np.ndarray], model: str) -> list[np.ndarray]:
     """Call a ``tvm.compile``-d PrimFunc (entry ``main``) with ``arrays`` on Bochs's ``model`` CPU;
-    returns the arrays as the kernel left them (outputs included). The emulator runs in a child
-    process: Bochs fixes its CPU model when a process first creates a CPU."""
+    returns the arrays as the kernel left them (outputs included)."""
     mod = lib.mod if hasattr(lib, "mod") else lib
     with tempfile.TemporaryDirectory(prefix="edgellm-x86emu-") as tmp:
+        mod.write_to_file(str(Path(tmp) / "module.o"))
+        return run_elf(link(Path(tmp) / "module.o", Path(tmp)), "__tvm_ffi_main", arrays, model)
+
+
+def run_elf(elf: Path, entry: str, arrays: list[np.ndarray], model: str) -> list[np.ndarray]:
+    """Call the packed function ``entry`` of a ``link``-ed ELF with ``arrays`` on Bochs's ``model`` CPU.
+    The emulator runs in a child process: Bochs fixes its CPU model when a process first creates a CPU."""
+    with tempfile.TemporaryDirectory(prefix="edgellm-x86emu-run-") as tmp:
         work = Path(tmp)
-        mod.write_to_file(str(work / "module.o"))
-        link(work / "module.o", work)
         dtypes = [a.dtype.name for a in arrays]
         np.savez(work / "in.npz", *[a.view(np.uint16) if a.dtype.name == "bfloat16" else a for a in arrays])
         (work / "dtypes.txt").write_text("\n".join(dtypes))
-        proc = subprocess.run([sys.executable, __file__, str(work), model], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, str(work), model, str(elf), entry], capture_output=True, text=True)
         if proc.returncode != 0:
             error = (work / "error.txt").read_text() if (work / "error.txt").exists() else proc.stderr[-2000:]
             raise EmulationError(error)
@@ -173,17 +178,72 @@ def run_primfunc(lib, arrays: list[np.ndarray], model: str) -> list[np.ndarray]:
     return [r.view(a.dtype) for r, a in zip(results, arrays)]
 
 
-def _emulate(work: Path, model: str) -> list[np.ndarray]:
-    """The child's side of ``run_primfunc``."""
+def check_module(host_lib, emulated_lib, model: str, call, rtol: float = 1e-4) -> dict:
+    """Differential check of a whole compiled Relax module: ``call(vm)`` runs it here on ``host_lib``'s
+    kernels (the same graph compiled for this CPU), recording each kernel's arguments; then every kernel
+    the two share is run from ``emulated_lib`` (compiled for the foreign target) on Bochs's ``model`` with
+    the recorded inputs, and its outputs compared. Returns {kernel: max error relative to the output's
+    scale, or the reason it was skipped}."""
+    import tvm
+    from tvm import relax
+
+    calls: dict[str, list] = {}
+    vm = relax.VirtualMachine(host_lib, tvm.cpu())
+
+    def instrument(func, name, before_run, ret_value, *args):
+        if name.startswith("vm.builtin.") or (before_run and name in calls):
+            return 0
+        copies = [a.numpy().copy() if hasattr(a, "numpy") else a for a in args]
+        if before_run:
+            calls[name] = [copies, None]
+        elif calls[name][1] is None:
+            calls[name][1] = copies
+        return 0
+
+    vm.set_instrument(instrument)
+    call(vm)
+    report = {}
+    with tempfile.TemporaryDirectory(prefix="edgellm-x86emu-mod-") as tmp:
+        lib = emulated_lib.mod.imports[0] if hasattr(emulated_lib, "mod") else emulated_lib
+        lib.write_to_file(str(Path(tmp) / "module.o"))
+        elf = link(Path(tmp) / "module.o", Path(tmp))
+        _, symbols = _load(elf)
+        for name, (before, after) in calls.items():
+            if f"__tvm_ffi_{name}" not in symbols:
+                report[name] = "skipped: not in the emulated module (a kernel of this CPU's schedule only)"
+                continue
+            if not all(isinstance(a, np.ndarray) for a in before):
+                report[name] = "skipped: non-tensor arguments"
+                continue
+            if sum(a.nbytes for a in before) > 64 << 20:
+                report[name] = "skipped: arguments over 64 MB"
+                continue
+            try:
+                got = run_elf(elf, f"__tvm_ffi_{name}", before, model)
+            except EmulationError as e:
+                report[name] = f"skipped: {e}"
+                continue
+            errs = []
+            for b, a, g in zip(before, after, got):
+                if not np.array_equal(a, b) and a.dtype.kind == "f":  # an output: the kernel wrote it
+                    scale = max(float(np.abs(a).max()), 1e-30)
+                    errs.append(float(np.abs(g.astype(np.float64) - a).max()) / scale)
+                elif not np.array_equal(a, b):
+                    errs.append(0.0 if np.array_equal(a, g) else 1.0)
+            report[name] = max(errs, default=0.0)
+    return report
+
+
+def _emulate(work: Path, model: str, elf: Path, entry: str) -> list[np.ndarray]:
+    """The child's side of ``run_elf``."""
     dtypes = (work / "dtypes.txt").read_text().split("\n")
     with np.load(work / "in.npz") as given:
         arrays = [given[f"arr_{i}"] for i in range(len(dtypes))]
     bochscpu = _bochscpu()
     mem = bochscpu.memory
-    segments, symbols = _load(work / "kernel.elf")
-    entry = next((name for name in ("__tvm_ffi_main", "main") if name in symbols), None)
-    if entry is None:
-        raise EmulationError(f"no packed entry in the object (symbols: {sorted(symbols)[:20]})")
+    segments, symbols = _load(elf)
+    if entry not in symbols:
+        raise EmulationError(f"no function {entry} in the object")
 
     # guest memory: image, tensors (+ their DLTensor structs and shapes), stack; identity-mapped
     heap = bytearray()
@@ -286,7 +346,7 @@ def _emulate(work: Path, model: str) -> list[np.ndarray]:
 if __name__ == "__main__":
     _work = Path(sys.argv[1])
     try:
-        np.savez(_work / "out.npz", *_emulate(_work, sys.argv[2]))
+        np.savez(_work / "out.npz", *_emulate(_work, sys.argv[2], Path(sys.argv[3]), sys.argv[4]))
     except EmulationError as e:
         (_work / "error.txt").write_text(str(e))
         os._exit(1)
