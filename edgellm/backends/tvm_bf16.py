@@ -213,15 +213,17 @@ def rewrite(mod, tvm_target):
         def visit_var_binding_(self, binding):
             value = binding.value
             if isinstance(value, relax.Call):
-                kind, w_nk, why = candidate(value)
+                kind, w_nk, why = candidate(value, k_multiple=K_GROUP)
                 if kind and w_nk is not None and not _is_im2col(value):
                     new = self._dense(self.visit_expr(value), w_nk)
                     emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
                     self.set_var_remap(binding.var, emit(new, name_hint=binding.var.name))
                     self.done += 1
                     return
-                if kind:
-                    self.left[f"{kind}: {why or 'kxk (bf16 takes matmuls and 1x1 convs)'}"] += 1
+                if kind:  # int8's reasons, in bf16's terms: its kxk convs (im2col) are not bf16's
+                    why = f"{why.split(' (')[0] if ' conv (' in why else 'kxk conv'} (bf16 takes matmuls and 1x1 convs)" \
+                        if not why or " conv (" in why else why
+                    self.left[f"{kind}: {why}"] += 1
             super().visit_var_binding_(binding)
 
         def _dense(self, call, w_nk):

@@ -75,8 +75,9 @@ def _dtype(expr):
     return getattr(ty, "dtype", None)
 
 
-def candidate(call) -> tuple[str, np.ndarray | None, str]:
-    """(kind, W as float [N, K], why-not) for a call; W None when the op stays fp32."""
+def candidate(call, k_multiple: int = 4) -> tuple[str, np.ndarray | None, str]:
+    """(kind, W as float [N, K], why-not) for a call; W None when the op stays fp32. ``k_multiple``: what K
+    (Cin of a 1x1 conv) must be a multiple of (int8's dot products take 4 bytes a lane; bf16's 2 values)."""
     if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
         return "", None, ""
     name = call.op.name
@@ -90,8 +91,8 @@ def candidate(call) -> tuple[str, np.ndarray | None, str]:
         xs = _shape(x)
         if wt.ndim != 2 or xs is None or _dtype(x) != "float32" or wt.dtype != np.float32:
             return "matmul", None, "not a 2-D float32 weight"
-        if wt.shape[0] % 4:
-            return "matmul", None, f"K={wt.shape[0]} not a multiple of 4"
+        if wt.shape[0] % k_multiple:
+            return "matmul", None, f"K={wt.shape[0]} not a multiple of {k_multiple}"
         return "matmul", np.ascontiguousarray(wt.T), ""
     a = call.attrs
     if not isinstance(w, _CONST):
@@ -108,8 +109,8 @@ def candidate(call) -> tuple[str, np.ndarray | None, str]:
                 and _shape(x) is not None:
             return "conv2d", np.ascontiguousarray(wt.reshape(kh * kw * cin, cout).T), ""
         return "conv2d", None, f"{kh}x{kw} conv (int8 dense: 1x1 stride-1 convs, and kxk convs with kh*kw*Cin <= {IM2COL_MAX_K})"
-    if cin % 4:
-        return "conv2d", None, f"Cin={cin} not a multiple of 4"
+    if cin % k_multiple:
+        return "conv2d", None, f"Cin={cin} not a multiple of {k_multiple}"
     if _dtype(x) != "float32" or _shape(x) is None:
         return "conv2d", None, "input not static float32"
     return "conv2d", np.ascontiguousarray(wt[0, 0].T), ""
