@@ -82,7 +82,7 @@ def test_edgellm_targets_folders_add_and_replace_targets_and_say_where_from(tmp_
     assert found["x86_64"][1] == f"EDGELLM_TARGETS:{second}"  # a user's file replaces the bundled one of that name
     assert found["arm64"][1] == "bundled"
     assert targets.resolve("mybox").description == "my own box"
-    assert targets.host().name in ("x86_64", "x86_64-avx512", "x86_64-amx", "arm64", "rpi4", "rpi5", "jetson-orin-cpu")
+    assert targets.host().name in ("x86_64", "x86_64-avx512", "x86_64-avx512-bf16", "x86_64-amx", "arm64", "rpi4", "rpi5", "jetson-orin-cpu")
     assert targets.host().to_dict() == targets._scan(targets.bundled_dir())[targets.host().name].to_dict()  # never a user file
 
 
@@ -132,11 +132,13 @@ def test_the_wheel_ships_the_targets_and_the_installed_package_finds_them(tmp_pa
 @pytest.mark.parametrize("extra, expected", [
     ((), "x86_64"),
     (("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"), "x86_64-avx512"),
+    (("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16"), "x86_64-avx512-bf16"),  # Zen 4
     (("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
       "amx_int8"), "x86_64-amx"),
 ])
 def test_host_reads_the_bf16_and_amx_flags(monkeypatch, extra, expected):
-    """host picks x86_64-amx (bf16 via OpenVINO) only on a CPU whose /proc/cpuinfo flags list AMX and AVX512-BF16."""
+    """host picks x86_64-amx only on a CPU whose /proc/cpuinfo flags list AMX and AVX512-BF16, x86_64-avx512-bf16 on
+    one with AVX512-BF16 and no AMX (Zen 4)."""
     import platform
 
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
