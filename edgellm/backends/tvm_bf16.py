@@ -1,4 +1,4 @@
-"""bf16 for edgellm's TVM CPU backend: matmuls and 1x1 convs with constant weights on AVX512-BF16.
+"""bf16 for edgellm's TVM CPU backend: matmuls and convs with constant weights on AVX512-BF16.
 
     mod, info = rewrite(mod, tvm_target)     # tvm.py, for --precision bf16 --backend tvm
 
@@ -7,11 +7,15 @@ Each ``y = op(x, W)`` (``relax.matmul`` with a constant 2-D weight, NHWC 1x1 ``c
     a = reshape(to_bf16(x), [M, K])                  # fp32 -> bf16 bits (uint16), round to nearest even
     y = reshape(call_tir(dense_bf16, a, W_packed)[:, :N], shape(y))   # fp32 out
 
+and a kxk (or strided) conv, groups 1, the same dense over its patches: ``to_bf16`` + pad (one fused
+kernel, channels padded so a patch row is whole k pairs), int8's ``im2col`` kernel on the bf16 bits, a free
+view to ``[M, kh*kw*Cp]``; only while the patch matrix stays under ``IM2COL_MAX_BYTES``.
+
 ``W_packed`` is ``[N/16, K/2, 16, 2]`` bf16 (one zmm register's 16 lanes x 2 values a k step), made at
 compile time. The dense accumulates in fp32: ``vdpbf16ps`` multiplies bf16 pairs exactly and adds
 them into 16 fp32 lanes. The schedule is the int8 dense's (``tvm_int8/schedule.py``: register tile,
 panels, fused epilogue) with 2 k values a lane instead of 4. Everything else (bias, activations,
-softmax, layer norms, attention's activation x activation matmuls, depthwise and kxk convs) stays fp32.
+softmax, layer norms, attention's activation x activation matmuls, depthwise convs) stays fp32.
 
 bf16 is carried as ``uint16`` bits in TIR: TVM's own bf16 (``BF16ComputeLegalize``) turns every bf16
 expression back into fp32 arithmetic on LLVM targets, and LLVM >= 17 declares ``vdpbf16ps`` on
@@ -27,6 +31,8 @@ from __future__ import annotations
 import numpy as np
 
 ATTR = "edgellm.bf16_dense"
+#: largest bf16 patch matrix a kxk conv is turned into (im2col + dense); bigger ones stay fp32 direct convs
+IM2COL_MAX_BYTES = 8 << 20
 LANES = 16  # fp32 lanes of a zmm register: output channels per weight panel row
 K_GROUP = 2  # bf16 values a lane takes per k step
 
@@ -197,7 +203,9 @@ def rewrite(mod, tvm_target):
     from tvm import relax
 
     from edgellm.backends.tvm_cpu.relax_passes import layout_passes
-    from edgellm.backends.tvm_int8.rewrite import _is_im2col, _shape, binding_keys, candidate, sink_reshapes
+    from edgellm.backends.tvm_int8.compute import im2col_primfunc, pad_codes_te
+    from edgellm.backends.tvm_int8.rewrite import (_CONST, _const_np, _dtype, _is_im2col, _shape, binding_keys, candidate,
+                                                   sink_reshapes)
     from edgellm.errors import EdgeError
 
     with tvm_target:
@@ -214,8 +222,15 @@ def rewrite(mod, tvm_target):
             value = binding.value
             if isinstance(value, relax.Call):
                 kind, w_nk, why = candidate(value, k_multiple=K_GROUP)
+                new = None
                 if kind and w_nk is not None and not _is_im2col(value):
                     new = self._dense(self.visit_expr(value), w_nk)
+                elif kind == "conv2d":
+                    hwio = _kxk_weight(value)
+                    if hwio is not None:
+                        new = self._conv(self.visit_expr(value), hwio)
+                        why = why if new is not None else f"patches over {IM2COL_MAX_BYTES >> 20} MB"
+                if new is not None:
                     emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
                     self.set_var_remap(binding.var, emit(new, name_hint=binding.var.name))
                     self.done += 1
@@ -226,19 +241,49 @@ def rewrite(mod, tvm_target):
                     self.left[f"{kind}: {why}"] += 1
             super().visit_var_binding_(binding)
 
-        def _dense(self, call, w_nk):
+        def _dense(self, call, w_nk, a=None):
+            """``a``: the activations already as bf16 patches [M, K] (a kxk conv's im2col)."""
             bb = self.builder_
             out_shape = _shape(call)
             n, k = w_nk.shape
             m = int(np.prod(out_shape[:-1]))
             n_pad = -n % LANES
             packed = pack_weight(to_bf16_bits(np.pad(w_nk, ((0, n_pad), (0, 0)))))
-            a = bb.emit(bb.call_te(to_bf16_te, call.args[0], primfunc_name_hint="to_bf16"))
-            a = bb.emit(relax.op.reshape(a, [m, k]))
+            if a is None:
+                a = bb.emit(bb.call_te(to_bf16_te, call.args[0], primfunc_name_hint="to_bf16"))
+                a = bb.emit(relax.op.reshape(a, [m, k]))
             y = bb.emit(bb.call_te(dense_bf16_te, a, relax.const(packed), primfunc_name_hint="dense_bf16"))
             if n_pad:
                 y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
             return relax.op.reshape(y, out_shape)
+
+        def _conv(self, call, hwio):
+            """kxk conv (NHWC / HWIO) -> bf16 + pad (one fused kernel) -> im2col -> packed bf16 dense; None when
+            the patch matrix would be over ``IM2COL_MAX_BYTES``."""
+            bb, at = self.builder_, call.attrs
+            kh, kw, cin, cout = hwio.shape
+            cp = cin + (kw * cin) % K_GROUP  # a patch row (kw * cp values) splits into whole k groups
+            b, oh, ow, _ = _shape(call)
+            if b * oh * ow * kh * kw * cp * 2 > IM2COL_MAX_BYTES:
+                return None
+            x = bb.emit(bb.call_te(to_bf16_te, call.args[0], primfunc_name_hint="to_bf16"))
+            p = bb.emit(bb.call_te(pad_codes_te, x, [int(v) for v in at.padding], cp, 0, primfunc_name_hint="pad_bf16"))
+            gv = bb.add_func(im2col_primfunc(_shape(p), "uint16", kh, kw, [int(v) for v in at.strides]), "im2col")
+            cols = bb.emit(relax.call_tir(gv, [p], relax.TensorType((b * oh, ow, kh, kw * cp), "uint16")))
+            cols = bb.emit(relax.op.reshape(cols, [b * oh * ow, kh * kw * cp]))
+            w_nk = np.pad(hwio, ((0, 0), (0, 0), (0, cp - cin), (0, 0))).reshape(kh * kw * cp, cout).T
+            return self._dense(call, np.ascontiguousarray(w_nk), cols)
+
+    def _kxk_weight(call):
+        """The HWIO weights of a groups=1, undilated NHWC kxk conv with constant weights, else None."""
+        at = call.attrs
+        w = call.args[1]
+        if not isinstance(w, _CONST) or str(at.data_layout) != "NHWC" or str(at.kernel_layout) != "HWIO" \
+                or int(at.groups) != 1 or any(int(d) != 1 for d in at.dilation) or _shape(call) is None \
+                or _shape(call.args[0]) is None or _dtype(call.args[0]) != "float32":
+            return None
+        hwio = _const_np(w)
+        return hwio if hwio.dtype == np.float32 and hwio.ndim == 4 else None
 
     rw = _Rewriter(mod)
     gv = mod.get_global_var("main")
