@@ -204,7 +204,7 @@ def rewrite(mod, tvm_target):
 
     from edgellm.backends.tvm_cpu.relax_passes import layout_passes
     from edgellm.backends.tvm_int8.compute import im2col_primfunc, pad_codes_te
-    from edgellm.backends.tvm_int8.rewrite import (_CONST, _const_np, _dtype, _is_im2col, _shape, binding_keys, candidate,
+    from edgellm.backends.tvm_int8.rewrite import (_CONST, _const_np, _dtype, _is_im2col, _shape, candidate,
                                                    sink_reshapes)
     from edgellm.errors import EdgeError
 
@@ -287,7 +287,6 @@ def rewrite(mod, tvm_target):
 
     rw = _Rewriter(mod)
     gv = mod.get_global_var("main")
-    binding_keys(mod[gv])
     rw.builder_.update_func(gv, rw.visit_expr(mod[gv]))
     out = sink_reshapes(relax.transform.DeadCodeElimination()(rw.builder_.get()))
     if not rw.done:
