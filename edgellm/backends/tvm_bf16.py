@@ -161,9 +161,28 @@ def _register_intrinsic() -> None:
     _REGISTERED.add(True)
 
 
+def match_dense(sch):
+    """The main block info of the packed bf16 dense in ``sch`` (``dense_bf16_te`` + fused epilogue), else NotApplicable."""
+    from edgellm.backends.tvm_cpu._common import NotApplicable
+    from edgellm.backends.tvm_cpu.matmul import find_single_reduction
+
+    _, main = find_single_reduction(sch)
+    stmt = sch.get(main.block_rv)
+    if len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "float32":
+        raise NotApplicable("not an fp32 accumulation")
+    if "".join(i.kind for i in main.iters) not in ("SSR", "SR"):
+        raise NotApplicable("not [m, n, k]")
+    srcs = [r.source for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
+    act = [b for b in srcs if len(b.shape) == 2 and str(b.dtype) == "uint16"]
+    wgt = [b for b in srcs if len(b.shape) == 4 and str(b.dtype) == "uint16"
+           and int(b.shape[2]) == LANES and int(b.shape[3]) == K_GROUP]
+    if len(act) != 1 or len(wgt) != 1:
+        raise NotApplicable("operands are not [M, K] bf16 activations and [N/16, K/2, 16, 2] bf16 weights")
+    return main
+
+
 def _rule_class():
     from edgellm.backends.tvm_cpu._common import NotApplicable, SafeRule
-    from edgellm.backends.tvm_cpu.matmul import find_single_reduction
     from edgellm.backends.tvm_int8.schedule import schedule_packed_dense
     from edgellm.backends.tvm_int8.x86 import PARALLEL_MIN_MACS
 
@@ -173,18 +192,7 @@ def _rule_class():
         def schedule(self, sch, func, target):
             if not has_avx512_bf16(target):
                 raise NotApplicable("not an AVX512-BF16 target")
-            _, main = find_single_reduction(sch)
-            stmt = sch.get(main.block_rv)
-            if len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "float32":
-                raise NotApplicable("not an fp32 accumulation")
-            if "".join(i.kind for i in main.iters) not in ("SSR", "SR"):
-                raise NotApplicable("not [m, n, k]")
-            srcs = [r.source for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
-            act = [b for b in srcs if len(b.shape) == 2 and str(b.dtype) == "uint16"]
-            wgt = [b for b in srcs if len(b.shape) == 4 and str(b.dtype) == "uint16"
-                   and int(b.shape[2]) == LANES and int(b.shape[3]) == K_GROUP]
-            if len(act) != 1 or len(wgt) != 1:
-                raise NotApplicable("operands are not [M, K] bf16 activations and [N/16, K/2, 16, 2] bf16 weights")
+            main = match_dense(sch)
             _register_intrinsic()
             return schedule_packed_dense(sch, main, LANES, INTRIN, 24, k_group=K_GROUP, parallel_min_macs=PARALLEL_MIN_MACS)
 
@@ -192,7 +200,10 @@ def _rule_class():
 
 
 def bf16_rules() -> list:
-    return [_rule_class()()]
+    """AMX tiles where the target has them (``tvm_amx``), else / for what does not fit them ``vdpbf16ps``."""
+    from edgellm.backends.tvm_amx import BF16, amx_rules
+
+    return [*amx_rules(BF16), _rule_class()()]
 
 
 def rewrite(mod, tvm_target):
@@ -292,9 +303,12 @@ def rewrite(mod, tvm_target):
     if not rw.done:
         raise EdgeError("no layer of this model can run in bf16 with TVM (no matmul or 1x1 conv with constant weights)",
                         "build fp32, or use --backend openvino for --precision bf16")
+    from edgellm.backends import tvm_amx
+
+    isa = f"AMX tdpbf16ps tiles where a dense has {tvm_amx.MIN_ROWS}+ rows, else avx512-bf16 vdpbf16ps" \
+        if tvm_amx.has_amx(tvm_target) else "avx512-bf16 vdpbf16ps"
     info = {
-        "compute": "bf16 x bf16 -> fp32 (avx512-bf16 vdpbf16ps) in matmuls and 1x1 convs with constant weights; "
-                   "the rest fp32",
+        "compute": f"bf16 x bf16 -> fp32 ({isa}) in matmuls and convs with constant weights; the rest fp32",
         "weights": "bf16 (round to nearest even)",
         "activations": "bf16 into those layers, rounded to nearest even in the producer's kernel",
         "layers_bf16": rw.done,

@@ -169,7 +169,7 @@ class InlinedRowReduction(SafeRule):
         from .elementwise import inline_all  # pylint: disable=import-outside-toplevel
 
         blocks = root_blocks(sch)
-        if len(blocks) < 2 or not all(is_spatial_block(sch, b) for b in blocks[:-1]):
+        if not blocks or not all(is_spatial_block(sch, b) for b in blocks[:-1]):
             return None
         inline_all(sch, func)
         infos = normalize_prim_func(sch)

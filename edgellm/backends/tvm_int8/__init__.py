@@ -29,12 +29,14 @@ from edgellm.errors import EdgeError
 
 def int8_rules() -> list:
     """Schedule rules for the packed int8 dense: x86 (AVX2 / AVX-512, VNNI where present) and arm64 (sdot / NEON); each declines other targets."""
+    from edgellm.backends.tvm_amx import INT8, amx_rules
+
     from .arm import arm_rules
     from .depthwise import DepthwiseU8X86
     from .schedule import Im2col
     from .x86 import PackedDenseX86
 
-    return [Im2col(), PackedDenseX86(), DepthwiseU8X86(), *arm_rules()]
+    return [Im2col(), *amx_rules(INT8), PackedDenseX86(), DepthwiseU8X86(), *arm_rules()]
 
 
 def schedule_rules(extra_rules: list | tuple = ()) -> list:
@@ -72,6 +74,7 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
     """(int8 module, manifest info) for ``--quantize int8`` on an llvm target."""
     import tvm
 
+    from edgellm.backends import tvm_amx
     from edgellm.backends.tvm_cpu.relax_passes import layout_passes
 
     from .compute import has_vnni, packing
@@ -125,6 +128,7 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
                         # 4.7 -> 3.1 us a conv on 2 threads); option int8_depthwise_int=False: the f32 kernel
                         int_depthwise=options.get("int8_depthwise_int", True) and lanes == 16 and has_vnni(tvm_target))
     n_int_dw = rw_stats.get("int_depthwise", 0)
+    isa = f"AMX tdpbusd tiles where a dense has {tvm_amx.MIN_ROWS}+ rows, else {pk.isa}" if tvm_amx.has_amx(tvm_target) else pk.isa
     new, tables = quantize_embeddings(new)
     info = {
         "mode": "int8", "method": "edgellm TVM int8 (Relax rewrite to packed int8 dense, post-training)",
@@ -132,7 +136,7 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
         "activations": ("uint8" if act_dtype == "uint8" else "int8") + (
             " per tensor, asymmetric, min/max calibrated" if mode == "static" else " per row, symmetric, scale computed at run time (dynamic)"),
         "activation_mode": mode,
-        "compute": f"{act_dtype[0]}8 x s8 -> s32 ({pk.isa}), dequantize + bias + activation fused in the epilogue",
+        "compute": f"{act_dtype[0]}8 x s8 -> s32 ({isa}), dequantize + bias + activation fused in the epilogue",
         "layers_int8": len([k for k in done if k not in dw]),
         **({"depthwise_8bit_input": f"{len([k for k in done if k in dw])} of the depthwise convs read 8-bit activations "
                                     "and int8 per-channel weights (" + (

@@ -38,11 +38,11 @@ pytestmark = pytest.mark.skipif(not INT8, reason="needs an x86_64 host with AVX2
 
 
 def _vpdpbusd(so: Path) -> int:
-    """The int8 dot-product instructions in ``so``: vpdpbusd (VNNI) or vpmaddubsw (AVX2 / AVX-512BW)."""
+    """The int8 dot-product instructions in ``so``: tdpbusd (AMX tiles), vpdpbusd (VNNI) or vpmaddubsw (AVX2 / AVX-512BW)."""
     if shutil.which("objdump") is None:
         pytest.skip("needs objdump")
     out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so)], capture_output=True, text=True, check=True).stdout
-    return len(re.findall(r"\b(vpdpbusd|vpmaddubsw)\b", out))
+    return len(re.findall(r"\b(tdpbusd|vpdpbusd|vpmaddubsw)\b", out))
 
 
 def _build(traced, options, tmp: Path):

@@ -1,0 +1,138 @@
+"""AMX tiles for the packed int8 and bf16 denses (edgellm/backends/tvm_amx.py).
+
+Every machine compiles the kernels for x86_64-amx and finds ``tdpbusd`` / ``tdpbf16ps`` in them; a CPU with AMX
+(``amx_int8`` / ``amx_bf16`` in /proc/cpuinfo) also runs them -- Bochs has no AMX, so elsewhere those checks skip.
+Tolerances: int8 is exact (int64 numpy); bf16 multiplies bf16 values exactly and accumulates in fp32, held to 1e-6
+of the output scale against a float64 product of the same bf16 inputs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from edgellm import api, targets
+from edgellm.backends import tvm_amx, tvm_bf16
+from edgellm.backends.tvm_int8.compute import dense_int8_primfunc, pack_weight
+from edgellm.runtime.device import cpu_flags
+
+SPR = tvm.target.Target(targets.resolve("x86_64-amx").tvm)
+needs_amx = pytest.mark.skipif(not {"amx_tile", "amx_int8", "amx_bf16"} <= cpu_flags(),
+                               reason="/proc/cpuinfo lacks amx_tile / amx_int8 / amx_bf16 (and Bochs has no AMX)")
+
+
+def test_plan_takes_shapes_the_tiles_fit_and_leaves_the_rest_to_the_vector_rules():
+    P = tvm_amx.Plan
+    assert tvm_amx.plan(tvm_amx.INT8, 128, 1536, 384) == P(tm=16, r=2, c=2, kstep=64)
+    assert tvm_amx.plan(tvm_amx.BF16, 128, 384, 384) == P(16, 2, 2, 32)      # 32 bf16 = one 64-byte row
+    assert tvm_amx.plan(tvm_amx.INT8, 196, 32, 160) == P(14, 2, 2, 40)       # 14 | 196; 40 | 160
+    assert tvm_amx.plan(tvm_amx.INT8, 784, 144, 96) == P(16, 1, 1, 48)       # 49 row tiles, 9 column tiles: odd
+    assert tvm_amx.plan(tvm_amx.INT8, 1, 1000, 1280) is None                 # a GEMV: one row of a 16-row tile
+    assert tvm_amx.plan(tvm_amx.INT8, 49, 64, 64) is None                    # 7 rows a tile at most
+    assert tvm_amx.plan(tvm_amx.INT8, 64, 16, 68) is None                    # no k step over 4 divides 68
+    assert tvm_amx.plan(tvm_amx.INT8, 3136, 96, 16) is None                  # K under one 64-byte tile row
+
+
+def test_tile_configuration_is_palette_1_with_each_tiles_rows_and_bytes():
+    cfg = tvm_amx._tile_config(tvm_amx.BF16, tvm_amx.Plan(14, 2, 1, 32))
+    colsb = [int.from_bytes(cfg[16 + 2 * t:18 + 2 * t], "little") for t in range(8)]
+    assert cfg[0] == 1 and cfg[1] == 0 and len(cfg) == 64
+    # accumulators 0, 1 (14 rows x 16 fp32), A tiles 2, 3 (14 rows x 32 bf16), B tile 4 (16 k pairs x 64 bytes)
+    assert colsb[:5] == [64, 64, 64, 64, 64] and list(cfg[48:53]) == [14, 14, 14, 14, 16] and not any(cfg[53:64])
+
+
+def _int8_case(m, k, n, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    a[0], w[0] = 255, -128  # the extremes: the int32 accumulators must hold them
+    return a, w, a.astype(np.int64) @ w.astype(np.int64).T
+
+
+def _compile_int8(m, k, n):
+    sch = tvm_amx.amx_rules(tvm_amx.INT8)[0].apply(dense_int8_primfunc(m, k, n, 16, "uint8"), SPR, False)
+    assert sch is not None, "the AMX rule did not schedule the packed dense"
+    return tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), SPR)
+
+
+SHAPES = [(128, 384, 1536), (196, 160, 32), (784, 96, 144), (64, 1536, 384)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_int8_dense_on_tiles_is_exact(m, k, n):
+    lib = _compile_int8(m, k, n)
+    assert re.search(r"\btdpbusd\b", lib.mod.inspect_source("asm")), "no tdpbusd in the generated code"
+    if not {"amx_tile", "amx_int8"} <= cpu_flags():
+        pytest.skip("/proc/cpuinfo lacks amx_int8: compiled and inspected only")
+    a, w, ref = _int8_case(m, k, n)
+    out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
+    lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(pack_weight(w, 16)), out)
+    np.testing.assert_array_equal(out.numpy(), ref)
+
+
+@pytest.mark.parametrize("m,k,n", [(128, 384, 384), (196, 96, 48), (32, 64, 16)])
+def test_bf16_dense_on_tiles_matches_float64(m, k, n):
+    sch = tvm_bf16.bf16_rules()[0].apply(tvm_bf16.dense_bf16_primfunc(m, k, n), SPR, False)
+    assert sch is not None, "the AMX rule did not schedule the packed bf16 dense"
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), SPR)
+    assert re.search(r"\btdpbf16ps\b", lib.mod.inspect_source("asm")), "no tdpbf16ps in the generated code"
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        pytest.skip("/proc/cpuinfo lacks amx_bf16: compiled and inspected only")
+    rng = np.random.default_rng(1)
+    a = tvm_bf16.to_bf16_bits(rng.standard_normal((m, k)).astype(np.float32))
+    w = tvm_bf16.to_bf16_bits(rng.standard_normal((n, k)).astype(np.float32))
+    out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+    lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(tvm_bf16.pack_weight(w)), out)
+    ref = tvm_bf16.bf16_bits_to_f32(a).astype(np.float64) @ tvm_bf16.bf16_bits_to_f32(w).astype(np.float64).T
+    assert np.abs(out.numpy() - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+@needs_amx
+def test_kernels_with_other_tile_configurations_interleave_on_threads():
+    """Each kernel loads its own tile configuration when the thread holds another one (rows 16 / 14, k steps 48 /
+    40 here), so kernels of one model -- or another library's AMX code -- can take turns on a thread; three threads
+    at once, each alternating two kernels."""
+    cases = [(784, 96, 144), (196, 160, 32)]
+    libs = [_compile_int8(*c) for c in cases]
+    data = [_int8_case(*c, seed=i) for i, c in enumerate(cases)]
+    args = [(tvm.runtime.tensor(a), tvm.runtime.tensor(pack_weight(w, 16))) for a, w, _ in data]
+    errors = []
+
+    def work():
+        try:
+            for step in range(20):
+                i = step % 2
+                out = tvm.runtime.tensor(np.zeros(data[i][2].shape, np.int32))
+                libs[i]["main"](*args[i], out)
+                np.testing.assert_array_equal(out.numpy(), data[i][2])
+        except Exception as exc:  # pylint: disable=broad-except
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+def test_int8_package_for_amx_target_uses_tiles_and_verifies(tmp_path):
+    result = api.build("zoo:kws-cnn", "x86_64-amx", tmp_path / "k.edgepkg", quantize="int8", backend="tvm", calib="random")
+    m = result.manifest
+    assert "AMX tdpbusd" in m["backend"]["quantize"]["compute"], m["backend"]["quantize"]
+    with zipfile.ZipFile(result.path) as z:
+        (tmp_path / "model.so").write_bytes(z.read("model.so"))
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "model.so")], capture_output=True,
+                         text=True, check=True).stdout
+    assert re.search(r"\btdpbusd\b", asm) and re.search(r"\bvpdpbusd\b", asm)  # tiles, and VNNI for the GEMV
+    assert m["verification"]["status"] == ("passed" if {"amx_int8", "avx512_vnni"} <= cpu_flags() else "skipped")
