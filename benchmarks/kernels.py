@@ -3,7 +3,8 @@
 * matmul 1024^3 (+ bias): GFLOP/s of ``edgellm.backends.tvm_cpu.pipeline`` vs numpy BLAS
   (and the stock TVM cpu_generic pipeline with ``--stock``);
 * conv2d 3x3, 56x56x64 -> 64 (+ ReLU): ms of the pipeline vs torch and onnxruntime;
-* int8 dense 1024^3 (u8 x s8 -> s32, ``edgellm.backends.tvm_int8``: packed weights; ``vpdpbusd``
+* int8 dense 1024^3 (u8 x s8 -> s32, ``edgellm.backends.tvm_int8``: packed weights; AMX ``tdpbusd`` tiles on an
+  AMX ``--mcpu`` (sapphirerapids), else ``vpdpbusd``
   with VNNI, ``vpmaddubsw`` + ``vpmaddwd`` and 7-bit weights on AVX2): GOP/s vs the fp32 matmul
   rule, onnxruntime ``MatMulInteger`` and torch ``_int_mm`` (s8 x s8), with ``--int8``
   (``--mattr +avx512vnni`` for the VNNI form on an AVX-512 ``--mcpu``).
@@ -178,6 +179,7 @@ def int8_dense(n: int, t_fp32: float):
     import numpy as np
 
     from edgellm.backends.tvm_int8.compute import dense_int8_primfunc, pack_weight, packing
+    from edgellm.backends.tvm_amx import INT8, amx_rules
     from edgellm.backends.tvm_int8.x86 import PackedDenseX86
 
     target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": ARGS.mcpu,
@@ -188,7 +190,9 @@ def int8_dense(n: int, t_fp32: float):
         return
     ops = 2.0 * n * n * n
     t0 = time.perf_counter()
-    sch = PackedDenseX86().apply(dense_int8_primfunc(n, n, n, pk.lanes, "uint8"), target, False)
+    # edgellm's own rule order: AMX tiles where the target has them (mcpu sapphirerapids on), else the vector kernel
+    func = dense_int8_primfunc(n, n, n, pk.lanes, "uint8")
+    sch = next(s for s in (r.apply(func, target, False) for r in [*amx_rules(INT8), PackedDenseX86()]) if s is not None)
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target)
     ctime = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -238,7 +242,8 @@ def int8_dense(n: int, t_fp32: float):
         print("torch _int_mm unavailable:", err)
     _table("int8 dense (GFLOP/s column = GOP/s)", rows, rows[1][2])
     asm = mod.inspect_source("asm")
-    print(f"edgellm's kernel: {pk.isa}, {pk.lanes} int32 lanes; vpdpbusd x{asm.count('vpdpbusd')}, "
+    isa = "AMX tdpbusd tiles" if "tdpbusd" in asm else f"{pk.isa}, {pk.lanes} int32 lanes"
+    print(f"edgellm's kernel: {isa}; tdpbusd x{asm.count('tdpbusd') - asm.count('vpdpbusd')}, vpdpbusd x{asm.count('vpdpbusd')}, "
           f"vpmaddubsw x{asm.count('vpmaddubsw')}; exact (numpy int64, onnxruntime): {exact}")
     if run_ort is not None:
         print(f"edgellm / onnxruntime MatMulInteger: {t8 / t_ort:.2f}x the time ({t_ort / t8:.2f}x the speed)")

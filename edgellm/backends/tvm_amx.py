@@ -14,9 +14,13 @@ registers, 16x the multiply-adds of an AVX-512 instruction each:
 The block function (``kernel_ir``: LLVM IR text linked into the module with ``pragma_import_llvm``,
 as ``tvm_bf16`` does for ``vdpbf16ps``; TVM 0.27 ships no AMX intrinsics) loads r*c accumulator
 tiles, runs K in steps of ``kstep`` (r A tiles + c B tiles + r*c dot products a step) and stores
-them back. Tile configurations are per thread: the function reads the current one (``sttilecfg``,
-~17 cycles) and loads its own only when it differs (``ldtilecfg`` costs ~110 cycles, measured on the
-Xeon this was written on) -- another library's AMX code on the same thread cannot leave a stale one.
+them back. Every kernel uses one tile configuration (8 tiles of 16 rows x 64 bytes), so kernels of
+edgellm never reload it between them. Configurations are per thread: the function reads the current one
+(``sttilecfg``, ~17 cycles) and loads its own only when it differs (``ldtilecfg``, ~110 cycles, measured
+on the Xeon this was written on), and a configuration another library left on the thread is loaded back
+before returning: ONNX Runtime's AMX kernels load theirs once per thread and trust it to stay (with
+per-shape configurations here, an int8 session run after an edgellm kernel on the same thread died of an
+illegal instruction: a tile its configuration had, ours did not).
 Linux hands out the 8 KB tile state only on request (``arch_prctl(ARCH_REQ_XCOMP_PERM,
 XFEATURE_XTILEDATA)``, per process): the function asks once per process, so every host of the
 package (TVM's runtime, edgellm's tiny runtime) gets it without setup.
@@ -67,10 +71,10 @@ def has_amx(target) -> bool:
 class Plan(NamedTuple):
     """How one dense's output splits into tile blocks."""
 
-    tm: int      # rows of an accumulator tile (a divisor of M, <= 16)
+    tm: int      # rows of a tile (16)
     r: int       # accumulator tiles down a block
     c: int       # accumulator tiles across a block
-    kstep: int   # k values of one A tile row (a divisor of K, a multiple of k_group)
+    kstep: int   # k values of one A tile row (64 bytes)
 
     @property
     def rows(self) -> int:
@@ -81,48 +85,32 @@ class Plan(NamedTuple):
         return LANES * self.c
 
 
-#: a dense with fewer rows than this stays on the vector units (a GEMV would load whole tiles for one row)
-MIN_ROWS = 8
-
-
 def plan(op: Operand, m: int, n: int, k: int) -> Plan | None:
-    """The tile blocking of an ``[m, k] x [k, n]`` dense, or None when tiles do not fit it."""
-    tm = max((d for d in range(1, MAX_ROWS + 1) if m % d == 0), default=1)
-    if tm < MIN_ROWS or n % LANES or k % op.k_group:
-        return None
+    """The tile blocking of an ``[m, k] x [k, n]`` dense, or None when full tiles do not fit it: every kernel uses the
+    one configuration (``TILE_CONFIG``: 8 tiles of 16 rows x 64 bytes), so M must be whole 16-row tiles and K whole
+    64-byte rows. GEMVs and other shapes stay on the vector rules (MobileNet's 16-32 channel projections took
+    1.10-1.16x VNNI's time on tiles with shorter rows)."""
     per_row = ROW_BYTES // op.elem_bytes
-    kstep = max((s for s in range(op.k_group, per_row + 1, op.k_group) if k % s == 0), default=0)
-    if k < per_row or kstep < per_row // 2:
-        # under one full tile row of K (MobileNet's 16-32 channel projections: 1.10-1.16x VNNI's time), or no
-        # divisor of K that fills half a row: the per-block work (tile configuration check, accumulator tiles
-        # in and out, the epilogue) outweighs the products
+    if m % MAX_ROWS or n % LANES or k % per_row:
         return None
-    r = 2 if (m // tm) % 2 == 0 else 1
+    r = 2 if (m // MAX_ROWS) % 2 == 0 else 1
     c = 2 if (n // LANES) % 2 == 0 else 1
-    return Plan(tm, r, c, kstep)
+    return Plan(MAX_ROWS, r, c, per_row)
+
+
+#: palette 1, all 8 tiles 16 rows x 64 bytes (colsb as u16 from byte 16, rows from byte 48)
+TILE_CONFIG = bytes([1] + [0] * 15 + [64, 0] * 8 + [0] * 16 + [MAX_ROWS] * 8 + [0] * 8)
 
 
 def function_name(op: Operand, p: Plan, k: int) -> str:
     return f"edgellm_amx_{op.name}_{p.tm}x{p.r}x{p.c}_k{k}_s{p.kstep}"
 
 
-def _tile_config(op: Operand, p: Plan) -> bytes:
-    """The 64-byte tile configuration (palette 1): colsb[16] as u16 from byte 16, rows[16] from byte 48."""
-    cfg = bytearray(64)
-    cfg[0] = 1
-    tiles = [(p.tm, LANES * 4)] * (p.r * p.c) + [(p.tm, p.kstep * op.elem_bytes)] * p.r \
-        + [(p.kstep // op.k_group, ROW_BYTES)] * p.c
-    for t, (rows, colsb) in enumerate(tiles):
-        cfg[16 + 2 * t:18 + 2 * t] = colsb.to_bytes(2, "little")
-        cfg[48 + t] = rows
-    return bytes(cfg)
-
-
 def kernel_ir(op: Operand, p: Plan, k: int) -> str:
     """LLVM IR of the block function ``i32 NAME(ptr C, ptr A, ptr W)``: ``C[rows, cols] += A[rows, K] . W``
     with C row-major (the local block), A row-major with K columns, W the block's c weight panels."""
     name = function_name(op, p, k)
-    cfg = "".join(f"\\{b:02X}" for b in _tile_config(op, p))
+    cfg = "".join(f"\\{b:02X}" for b in TILE_CONFIG)
     ldc = p.cols * 4
     lda = k * op.elem_bytes
     panel = (k // op.k_group) * ROW_BYTES
@@ -149,10 +137,14 @@ def kernel_ir(op: Operand, p: Plan, k: int) -> str:
              "  %nebits = bitcast <8 x i1> %ne to i8",
              "  %stale = icmp ne i8 %nebits, 0",
              "  br i1 %stale, label %load, label %body",
-             "load:",
+             "load:",  # another library's configuration is put back when done
+             "  %word0 = extractelement <8 x i64> %have, i32 0",
+             "  %palette = trunc i64 %word0 to i8",
+             "  %foreign = icmp ne i8 %palette, 0",
              f"  call void @llvm.x86.ldtilecfg(ptr @{name}.cfg)",
              "  br label %body",
-             "body:"]
+             "body:",
+             "  %restore = phi i1 [ false, %config ], [ %foreign, %load ]"]
     for i in range(p.r):
         for j in range(p.c):
             off = i * p.tm * ldc + j * LANES * 4
@@ -180,7 +172,12 @@ def kernel_ir(op: Operand, p: Plan, k: int) -> str:
     for i in range(p.r):
         for j in range(p.c):
             lines.append(f"  call void @llvm.x86.tilestored64(i8 {acc[i][j]}, ptr %cp{i}{j}, i64 {ldc})")
-    lines += ["  ret i32 0", "}",
+    lines += ["  br i1 %restore, label %back, label %exit",
+              "back:",
+              "  call void @llvm.x86.ldtilecfg(ptr %cur)",
+              "  br label %exit",
+              "exit:",
+              "  ret i32 0", "}",
               "@edgellm_amx_permitted = linkonce_odr global i32 0, align 4",
               "declare i64 @syscall(i64, ...)",
               "declare void @llvm.x86.sttilecfg(ptr)",

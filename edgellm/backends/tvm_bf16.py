@@ -305,7 +305,7 @@ def rewrite(mod, tvm_target):
                         "build fp32, or use --backend openvino for --precision bf16")
     from edgellm.backends import tvm_amx
 
-    isa = f"AMX tdpbf16ps tiles where a dense has {tvm_amx.MIN_ROWS}+ rows, else avx512-bf16 vdpbf16ps" \
+    isa = "AMX tdpbf16ps tiles where M is whole 16-row tiles and K whole 64-byte rows, else avx512-bf16 vdpbf16ps" \
         if tvm_amx.has_amx(tvm_target) else "avx512-bf16 vdpbf16ps"
     info = {
         "compute": f"bf16 x bf16 -> fp32 ({isa}) in matmuls and convs with constant weights; the rest fp32",
