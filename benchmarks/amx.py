@@ -37,6 +37,7 @@ VARIANTS = {  # name: (target, build options)
 
 def measure(name: str, blocks: int, per_block: int) -> dict:
     from edgellm import api, runtime, source
+    from edgellm.errors import EdgeError
     from edgellm.compress.calibration import random_samples
     from edgellm.compress.evaluate import engine_runner, evaluate, side_by_side
     from edgellm.trace import trace
@@ -44,23 +45,28 @@ def measure(name: str, blocks: int, per_block: int) -> dict:
     traced = trace(source.load(f"zoo:{name}"))
     names = [s.name for s in traced.inputs]
     held_out = random_samples(traced.inputs, 16, 9000)
-    engines, out = {}, {"model": name, "threads": THREADS}
+    engines, out = {}, {"model": name, "threads": THREADS, "not_built": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for key, (target, opts) in VARIANTS.items():
-            pkg = api.build(f"zoo:{name}", target, Path(tmp) / f"{key}.edgepkg", backend="tvm", **opts).path
+            try:
+                pkg = api.build(f"zoo:{name}", target, Path(tmp) / f"{key}.edgepkg", backend="tvm", **opts).path
+            except EdgeError as err:  # bf16 on tiles: no layer of the model fits them
+                out["not_built"][key] = str(err)
+                continue
             engines[key] = runtime.load(pkg, threads=THREADS)._engine
         arrays = [held_out[0][n] for n in names]
         p50 = side_by_side({k: (lambda e=e: e.run(arrays)) for k, e in engines.items()}, blocks=blocks, per_block=per_block)
         outs = [s.name for s in traced.outputs]
         cos = {}
-        for key in VARIANTS:
+        for key in engines:
             if key != "fp32":
                 rep = evaluate(engine_runner(engines[key], names), engine_runner(engines["fp32"], names), held_out, outs)
                 cos[key] = round(float(rep["outputs"][outs[0]]["cosine_min"]), 6)
-    out["p50_ms"] = {k: round(v, 4) for k, v in p50.items()}
+    nan = float("nan")
+    out["p50_ms"] = {k: round(p50.get(k, nan), 4) for k in VARIANTS}
     out["amx_vs_vectors"] = {"int8": round(p50["int8-amx"] / p50["int8-vnni"], 3),
-                             "bf16": round(p50["bf16-amx"] / p50["bf16-avx512"], 3)}
-    out["bf16_amx_vs_fp32"] = round(p50["bf16-amx"] / p50["fp32"], 3)
+                             "bf16": round(p50.get("bf16-amx", nan) / p50["bf16-avx512"], 3)}
+    out["bf16_amx_vs_fp32"] = round(p50.get("bf16-amx", nan) / p50["fp32"], 3)
     out["cosine_min_vs_fp32"] = cos
     return out
 
@@ -88,7 +94,7 @@ def main():
         q = r["p50_ms"]
         print(f"{r['model']:<14}" + "".join(f"{q[k]:>13.3f}" for k in VARIANTS)
               + f"{r['amx_vs_vectors']['int8']:>13.2f}{r['amx_vs_vectors']['bf16']:>13.2f}{r['bf16_amx_vs_fp32']:>13.2f}")
-        print(f"{'':<14}cosine: {r['cosine_min_vs_fp32']}")
+        print(f"{'':<14}cosine: {r['cosine_min_vs_fp32']}" + "".join(f"; {k} not built: {v}" for k, v in r["not_built"].items()))
 
 
 if __name__ == "__main__":

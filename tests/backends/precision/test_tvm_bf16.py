@@ -122,7 +122,7 @@ def test_rewrite_keeps_the_model_within_the_bf16_contract(name):
 
     make, n_bf16, left = MODELS[name]
     traced = make()
-    mod, info = bf16.rewrite(to_relax(traced), SPR)
+    mod, info = bf16.rewrite(to_relax(traced), SPR_NO_AMX)
     assert info["layers_bf16"] == n_bf16 and info["layers_fp32"] == left
     host = tvm.target.Target(targets.host().tvm)
     x = traced.example_inputs["x"]
@@ -138,9 +138,25 @@ def test_rewrite_keeps_the_model_within_the_bf16_contract(name):
     assert cosine >= 0.999 and not np.array_equal(ref, got)  # bf16 really rounded something
 
 
+def test_on_amx_targets_only_layers_that_fit_tiles_go_bf16():
+    """On an AMX core ``vdpbf16ps`` is slower than fp32 FMAs, so layers the tiles do not take stay fp32: the block's
+    four projections (32 rows, K 64 / 256) all fit; of the CNN's, the strided 3x3 (64 rows, K 288) and the 1x1
+    (16 rows, K 32) do, the 7x7 stem (K 196), the 3x3 (K 144) and the linear layer (1 row) do not."""
+    from edgellm.backends.tvm_base import to_relax
+
+    _, info = bf16.rewrite(to_relax(_block()), SPR)
+    assert info["layers_bf16"] == 4 and "AMX tdpbf16ps" in info["compute"]
+    _, info = bf16.rewrite(to_relax(_cnn()), SPR)
+    assert info["layers_bf16"] == 2
+    assert sum(v for k, v in info["layers_fp32"].items() if k.endswith(bf16.NOT_TILES)) == 3, info["layers_fp32"]
+
+
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
-def test_tvm_bf16_package_for_amx_target(tmp_path):
-    result = api.build("zoo:kws-cnn", "x86_64-amx", tmp_path / "k.edgepkg", precision="bf16", backend="tvm")
+@pytest.mark.parametrize("model,target,instr,flags", [
+    ("kws-cnn", "x86_64-avx512-bf16", "vdpbf16ps", {"avx512_bf16"}),
+    pytest.param("minilm", "x86_64-amx", "tdpbf16ps", {"avx512_bf16", "amx_bf16"}, marks=pytest.mark.slow)])
+def test_tvm_bf16_package(tmp_path, model, target, instr, flags):
+    result = api.build(f"zoo:{model}", target, tmp_path / "k.edgepkg", precision="bf16", backend="tvm")
     m = result.manifest
     assert m["backend"]["name"] == "tvm" and m["backend"]["precision"]["layers_bf16"] >= 1
     assert m["precision"]["name"] == "bf16" and m["precision"]["contract"]["min_cosine"] == 0.995
@@ -148,8 +164,8 @@ def test_tvm_bf16_package_for_amx_target(tmp_path):
         (tmp_path / "model.so").write_bytes(z.read("model.so"))
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "model.so")], capture_output=True,
                          text=True, check=True).stdout
-    assert re.search(r"\bvdpbf16ps\b", asm)
-    if not {"avx512_bf16", "amx_bf16"} <= cpu_flags():
+    assert re.search(rf"\b{instr}\b", asm)
+    if not flags <= cpu_flags():
         assert m["verification"]["status"] == "skipped"
     else:
         assert m["verification"]["status"] == "passed"
