@@ -202,6 +202,17 @@ def bochs_defects(elf: Path) -> set[str]:
     return bad
 
 
+def build_module(mod, target, asserts: bool):
+    """``mod`` compiled with edgellm's pipeline for ``target``, for ``check_module``; ``asserts`` keeps the kernels'
+    argument checks (the emulated build: a kernel handed this CPU's own weight layout refuses it)."""
+    import tvm
+
+    from edgellm.backends import tvm_pipelines
+
+    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": not asserts}):
+        return tvm.compile(mod, target, relax_pipeline=tvm_pipelines.get("edgellm", target))
+
+
 def check_module(host_lib, emulated_lib, model: str, call, rtol: float = 1e-4) -> dict:
     """Differential check of a whole compiled Relax module: ``call(vm)`` runs it here on ``host_lib``'s
     kernels (the same graph compiled for this CPU), recording each kernel's arguments; then every kernel

@@ -186,7 +186,7 @@ def test_small_model_int8_module_runs_on_an_emulated_vnni_core():
     """The small model's int8 module for x86_64-avx512 (VNNI: vpdpbusd dense and depthwise), every kernel run
     on Bochs's Sapphire Rapids with the inputs it gets when the same graph (compiled for this CPU) runs here:
     the integer kernels equal, the rest within 1e-5 of the output scale."""
-    from edgellm.backends import tvm_int8, tvm_pipelines
+    from edgellm.backends import tvm_int8
     from edgellm.backends.tvm_base import to_relax
 
     traced = _Small.traced()
@@ -197,13 +197,9 @@ def test_small_model_int8_module_runs_on_an_emulated_vnni_core():
     mod, info = tvm_int8.quantize(to_relax(traced), target, {"quantize": "int8", "calibration": samples}, names)
     assert info["layers_int8"] == 3
     host = tvm.target.Target(targets.host().tvm)
-
-    def build(t, asserts):
-        with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": not asserts}):
-            return tvm.compile(mod, t, relax_pipeline=tvm_pipelines.get("edgellm", t))
-
     x = tvm.runtime.tensor(samples[0][names[0]])
-    report = x86_emulator.check_module(build(host, False), build(target, True), "sapphire_rapids", lambda vm: vm["main"](x))
+    report = x86_emulator.check_module(x86_emulator.build_module(mod, host, False), x86_emulator.build_module(mod, target, True),
+                                       "sapphire_rapids", lambda vm: vm["main"](x))
     checked = {k: v for k, v in report.items() if not isinstance(v, str)}
     dense = [k for k in report if "dense_int8" in k]
     assert dense and all(k in checked for k in dense), report
