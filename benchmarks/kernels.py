@@ -179,7 +179,7 @@ def int8_dense(n: int, t_fp32: float):
     import numpy as np
 
     from edgellm.backends.tvm_int8.compute import dense_int8_primfunc, pack_weight, packing
-    from edgellm.backends.tvm_amx import INT8, amx_rules
+    from edgellm.backends.tvm_int8 import amx_dense_rule
     from edgellm.backends.tvm_int8.x86 import PackedDenseX86
 
     target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": ARGS.mcpu,
@@ -192,7 +192,7 @@ def int8_dense(n: int, t_fp32: float):
     t0 = time.perf_counter()
     # edgellm's own rule order: AMX tiles where the target has them (mcpu sapphirerapids on), else the vector kernel
     func = dense_int8_primfunc(n, n, n, pk.lanes, "uint8")
-    sch = next(s for s in (r.apply(func, target, False) for r in [*amx_rules(INT8), PackedDenseX86()]) if s is not None)
+    sch = next(s for s in (r.apply(func, target, False) for r in [amx_dense_rule(), PackedDenseX86()]) if s is not None)
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target)
     ctime = time.perf_counter() - t0
     rng = np.random.default_rng(0)

@@ -279,9 +279,10 @@ def schedule_dense(sch, main, op: Operand):
     return sch
 
 
-def amx_rules(op: Operand) -> list:
-    """The schedule rule that puts ``op``'s packed dense on tiles; it declines non-AMX targets and shapes that do
-    not fit (the vector rule after it takes those)."""
+def amx_rules(op: Operand, match) -> list:
+    """The schedule rule that puts ``op``'s packed dense on tiles; ``match(sch)`` finds that dense's main block (its
+    backend's matcher: tvm_int8's or tvm_bf16's). It declines non-AMX targets and shapes that do not fit (the vector
+    rule after it takes those)."""
     from edgellm.backends.tvm_cpu._common import NotApplicable, SafeRule
 
     class PackedDenseAMX(SafeRule):
@@ -290,15 +291,7 @@ def amx_rules(op: Operand) -> list:
         def schedule(self, sch, func, target):
             if not has_amx(target):
                 raise NotApplicable("not an AMX target")
-            if op is INT8:
-                from edgellm.backends.tvm_int8.x86 import match_packed_dense
-
-                _, main = match_packed_dense(sch, LANES, ("uint8",))
-            else:
-                from edgellm.backends.tvm_bf16 import match_dense
-
-                main = match_dense(sch)
-            return schedule_dense(sch, main, op)
+            return schedule_dense(sch, match(sch), op)
 
     PackedDenseAMX.__name__ = f"PackedDenseAMX{op.name.upper()}"
     return [PackedDenseAMX()]

@@ -209,7 +209,7 @@ def bf16_rules() -> list:
     """AMX tiles where the target has them (``tvm_amx``), else / for what does not fit them ``vdpbf16ps``."""
     from edgellm.backends.tvm_amx import BF16, amx_rules
 
-    return [*amx_rules(BF16), _rule_class()()]
+    return [*amx_rules(BF16, match_dense), _rule_class()()]
 
 
 def rewrite(mod, tvm_target):

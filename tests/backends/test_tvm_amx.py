@@ -20,7 +20,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from edgellm import api, targets
-from edgellm.backends import tvm_amx, tvm_bf16
+from edgellm.backends import tvm_amx, tvm_bf16, tvm_int8
 from edgellm.backends.tvm_int8.compute import dense_int8_primfunc, pack_weight
 from edgellm.runtime.device import cpu_flags
 
@@ -55,7 +55,7 @@ def _int8_case(m, k, n, seed=0):
 
 
 def _compile_int8(m, k, n):
-    sch = tvm_amx.amx_rules(tvm_amx.INT8)[0].apply(dense_int8_primfunc(m, k, n, 16, "uint8"), SPR, False)
+    sch = tvm_int8.amx_dense_rule().apply(dense_int8_primfunc(m, k, n, 16, "uint8"), SPR, False)
     assert sch is not None, "the AMX rule did not schedule the packed dense"
     return tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), SPR)
 

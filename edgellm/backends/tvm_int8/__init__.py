@@ -29,14 +29,21 @@ from edgellm.errors import EdgeError
 
 def int8_rules() -> list:
     """Schedule rules for the packed int8 dense: x86 (AVX2 / AVX-512, VNNI where present) and arm64 (sdot / NEON); each declines other targets."""
-    from edgellm.backends.tvm_amx import INT8, amx_rules
-
     from .arm import arm_rules
     from .depthwise import DepthwiseU8X86
     from .schedule import Im2col
     from .x86 import PackedDenseX86
 
-    return [Im2col(), *amx_rules(INT8), PackedDenseX86(), DepthwiseU8X86(), *arm_rules()]
+    return [Im2col(), amx_dense_rule(), PackedDenseX86(), DepthwiseU8X86(), *arm_rules()]
+
+
+def amx_dense_rule():
+    """The packed int8 dense on AMX tiles (``tvm_amx``), matched as ``x86.py`` matches it for the vector kernels."""
+    from edgellm.backends.tvm_amx import INT8, amx_rules
+
+    from .x86 import match_packed_dense
+
+    return amx_rules(INT8, lambda sch: match_packed_dense(sch, 16, ("uint8",))[1])[0]
 
 
 def schedule_rules(extra_rules: list | tuple = ()) -> list:
