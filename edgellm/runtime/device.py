@@ -41,6 +41,22 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def request_amx_tiles() -> str | None:
+    """Ask Linux for the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, process-wide; it is
+    handed out only on request, and a tile instruction without it dies of SIGILL). None when granted, else why not.
+    TVM's tile kernels ask too; asking here first turns a refusal into an error before any code runs."""
+    import ctypes
+    import errno
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return "AMX tiles need Linux on x86_64"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(158, 0x1023, 18) == 0:  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+        return None
+    code = ctypes.get_errno()
+    return f"the kernel refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: {errno.errorcode.get(code, code)}; Linux 5.16 or newer grants it)"
+
+
 def cpu_count() -> int:
     """Cores this process may use (respects taskset/cgroup affinity)."""
     try:

@@ -247,6 +247,7 @@ def read_package(path: str | Path, trusted_keys=None, *, env: bool = True) -> tu
 def check_device(manifest: dict, cpu_flags: set[str] | None = None, machine: str | None = None) -> None:
     """Refuse a package this machine (or the remote device ``machine`` with ``cpu_flags``) cannot run, before loading any code from it."""
     target = manifest["target"]
+    local = machine is None
     machine = machine or platform.machine()
     if target["arch"] != machine:
         raise PackageError(
@@ -260,6 +261,13 @@ def check_device(manifest: dict, cpu_flags: set[str] | None = None, machine: str
                 f"package needs CPU features this CPU lacks: {', '.join(missing)} (target {target['name']})",
                 "build it for a target this CPU has, e.g. --target host",
             )
+    if local and "amx_tile" in target.get("has", []):
+        from .device import request_amx_tiles
+
+        refused = request_amx_tiles()
+        if refused:
+            raise PackageError(f"package uses AMX tiles (target {target['name']}) and {refused}",
+                               "run it on a newer kernel, or build it for --target x86_64-avx512")
 
 
 # ---------------------------------------------------------------- .npz members: a zip inside the zip

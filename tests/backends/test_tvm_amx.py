@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import zipfile
 
@@ -143,6 +144,30 @@ def test_a_configuration_another_library_left_on_the_thread_is_put_back(tmp_path
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+_PERMISSION = """
+import ctypes
+from edgellm import targets
+from edgellm.runtime import device
+from edgellm.runtime.package import check_device
+libc = ctypes.CDLL(None, use_errno=True)
+def granted():  # ARCH_GET_XCOMP_PERM: the dynamic state components this process may use; bit 18 is XTILEDATA
+    mask = ctypes.c_uint64()
+    assert libc.syscall(158, 0x1022, ctypes.byref(mask)) == 0
+    return bool(mask.value >> 18 & 1)
+before = granted()
+check_device({"target": targets.resolve("x86_64-amx").to_dict()}, device.cpu_flags())
+print(before, granted())
+"""
+
+
+@needs_amx
+def test_loading_an_amx_package_asks_linux_for_the_tile_state():
+    """A fresh process has no tile state; the runtime's device check asks for it before any code of the package runs
+    (a refusal is then an error line, not a SIGILL in the first tile instruction)."""
+    out = subprocess.run([sys.executable, "-c", _PERMISSION], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"], out
 
 
 @pytest.mark.slow
