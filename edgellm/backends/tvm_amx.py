@@ -68,6 +68,13 @@ def has_amx(target) -> bool:
     return mcpu in AMX_CPUS or {"+amx-tile", "+amx-int8", "+amx-bf16"} <= set(mattr)
 
 
+def describe(op: Operand, target, vector_isa: str) -> str:
+    """The manifest's words for where ``op``'s dense runs on ``target``: on tiles where they fit, else ``vector_isa``."""
+    if not has_amx(target):
+        return vector_isa
+    return f"AMX {op.instr} tiles where M is whole 16-row tiles and K whole 64-byte rows, else {vector_isa}"
+
+
 class Plan(NamedTuple):
     """How one dense's output splits into tile blocks."""
 

@@ -328,8 +328,7 @@ def rewrite(mod, tvm_target):
         what = "no matmul or conv with constant weights" + (" that fits AMX tiles" if amx else "")
         raise EdgeError(f"no layer of this model can run in bf16 with TVM ({what})",
                         "build fp32, or use --backend openvino for --precision bf16")
-    isa = "AMX tdpbf16ps tiles where M is whole 16-row tiles and K whole 64-byte rows, else avx512-bf16 vdpbf16ps" \
-        if tvm_amx.has_amx(tvm_target) else "avx512-bf16 vdpbf16ps"
+    isa = tvm_amx.describe(tvm_amx.BF16, tvm_target, "avx512-bf16 vdpbf16ps")
     info = {
         "compute": f"bf16 x bf16 -> fp32 ({isa}) in matmuls and convs with constant weights; the rest fp32",
         "weights": "bf16 (round to nearest even)",

@@ -135,8 +135,7 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
                         # 4.7 -> 3.1 us a conv on 2 threads); option int8_depthwise_int=False: the f32 kernel
                         int_depthwise=options.get("int8_depthwise_int", True) and lanes == 16 and has_vnni(tvm_target))
     n_int_dw = rw_stats.get("int_depthwise", 0)
-    isa = f"AMX tdpbusd tiles where M is whole 16-row tiles and K whole 64-byte rows, else {pk.isa}" \
-        if tvm_amx.has_amx(tvm_target) else pk.isa
+    isa = tvm_amx.describe(tvm_amx.INT8, tvm_target, pk.isa)
     new, tables = quantize_embeddings(new)
     info = {
         "mode": "int8", "method": "edgellm TVM int8 (Relax rewrite to packed int8 dense, post-training)",
