@@ -74,6 +74,13 @@ class Backend:
             if (pipeline_name if pipeline_name != "default" else tvm_pipelines.default_name()) != "edgellm":
                 raise EdgeError("TVM bf16 needs the edgellm pipeline (its bf16 schedule rule)", "drop --pipeline, or use --pipeline edgellm")
             mod, bf16_info = tvm_bf16.rewrite(mod, tvm_target)
+        if quant_info is not None or bf16_info is not None:  # AMX: attention's activation x activation matmuls on tiles
+            from edgellm.backends import tvm_bf16
+
+            mod, on_tiles = tvm_bf16.attention_to_tiles(mod, tvm_target)
+            if on_tiles:
+                (quant_info if quant_info is not None else bf16_info)["attention_matmuls"] = \
+                    f"{on_tiles} activation x activation matmuls in bf16 x bf16 -> fp32 on AMX tdpbf16ps tiles"
         tuning, db_dir = None, None
         if options.get("tune") or options.get("tuning_db"):
             from edgellm.backends import tvm_tune

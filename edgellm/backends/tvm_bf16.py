@@ -90,16 +90,20 @@ def _f32(bits):
     return tirx.reinterpret("float32", bits.astype("uint32") << tirx.const(16, "uint32"))
 
 
+def _bits(value):
+    """fp32 TIR value -> its bf16 bits (uint16), rounded to nearest even."""
+    from tvm import tirx
+
+    u = tirx.reinterpret("uint32", value)
+    return ((u + tirx.const(0x7FFF, "uint32") + ((u >> tirx.const(16, "uint32")) & tirx.const(1, "uint32")))
+            >> tirx.const(16, "uint32")).astype("uint16")
+
+
 def to_bf16_te(x, name: str = "to_bf16"):
     """TE: fp32 tensor -> bf16 bits, round to nearest even (elementwise: fuses into its producer)."""
-    from tvm import te, tirx
+    from tvm import te
 
-    def f(*i):
-        u = tirx.reinterpret("uint32", x(*i))
-        return ((u + tirx.const(0x7FFF, "uint32") + ((u >> tirx.const(16, "uint32")) & tirx.const(1, "uint32")))
-                >> tirx.const(16, "uint32")).astype("uint16")
-
-    return te.compute(x.shape, f, name=name)
+    return te.compute(x.shape, lambda *i: _bits(x(*i)), name=name)
 
 
 def dense_bf16_te(A, W, name: str = "dense_bf16"):
@@ -113,6 +117,30 @@ def dense_bf16_te(A, W, name: str = "dense_bf16"):
     return te.compute((M, NB * LANES),
                       lambda m, n: te.sum(_f32(A[m, k]) * _f32(W[n // LANES, k // K_GROUP, n % LANES, k % K_GROUP]), axis=k),
                       name=name)
+
+
+def batched_dense_bf16_te(A, W, name: str = "batched_dense_bf16"):
+    """``C[b, m, n] (fp32) = sum_k f32(A[b, m, k]) * f32(W[b, n // 16, k // 2, n % 16, k % 2])``: a packed dense per
+    batch entry, for activation x activation matmuls (attention's ``Q K^T`` and ``P V``)."""
+    from tvm import te
+
+    B, M, K = A.shape
+    NB = W.shape[1]
+    k = te.reduce_axis((0, K), name="k")
+    return te.compute((B, M, NB * LANES),
+                      lambda b, m, n: te.sum(_f32(A[b, m, k]) * _f32(W[b, n // LANES, k // K_GROUP, n % LANES, k % K_GROUP]),
+                                             axis=k),
+                      name=name)
+
+
+def pack_bf16_te(x, name: str = "pack_bf16"):
+    """TE: fp32 ``[B, K, N]`` -> bf16 bits ``[B, N/16, K/2, 16, 2]`` (the packed weight layout, made at run time for an
+    operand that is an activation), rounded to nearest even; injective, so it fuses with the producer's transpose."""
+    from tvm import te
+
+    B, K, N = x.shape
+    return te.compute((B, N // LANES, K // K_GROUP, LANES, K_GROUP),
+                      lambda b, nb, kb, nl, kl: _bits(x[b, kb * K_GROUP + kl, nb * LANES + nl]), name=name)
 
 
 def dense_bf16_primfunc(M: int, K: int, N: int):
@@ -176,14 +204,17 @@ def match_dense(sch):
     stmt = sch.get(main.block_rv)
     if len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "float32":
         raise NotApplicable("not an fp32 accumulation")
-    if "".join(i.kind for i in main.iters) not in ("SSR", "SR"):
-        raise NotApplicable("not [m, n, k]")
+    kinds = "".join(i.kind for i in main.iters)
+    if kinds not in ("SSR", "SR", "SSSR"):
+        raise NotApplicable("not [m, n, k] or [b, m, n, k]")
+    batch = int(kinds == "SSSR")
     srcs = [r.source for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
-    act = [b for b in srcs if len(b.shape) == 2 and str(b.dtype) == "uint16"]
-    wgt = [b for b in srcs if len(b.shape) == 4 and str(b.dtype) == "uint16"
-           and int(b.shape[2]) == LANES and int(b.shape[3]) == K_GROUP]
+    act = [b for b in srcs if len(b.shape) == 2 + batch and str(b.dtype) == "uint16"]
+    wgt = [b for b in srcs if len(b.shape) == 4 + batch and str(b.dtype) == "uint16"
+           and int(b.shape[-2]) == LANES and int(b.shape[-1]) == K_GROUP]
     if len(act) != 1 or len(wgt) != 1:
-        raise NotApplicable("operands are not [M, K] bf16 activations and [N/16, K/2, 16, 2] bf16 weights")
+        raise NotApplicable("operands are not [M, K] bf16 activations and [N/16, K/2, 16, 2] bf16 weights (each with a "
+                            "batch dim in front for a batched dense)")
     return main
 
 
@@ -199,6 +230,8 @@ def _rule_class():
             if not has_avx512_bf16(target):
                 raise NotApplicable("not an AVX512-BF16 target")
             main = match_dense(sch)
+            if len(main.iters) == 4:
+                raise NotApplicable("a batched dense: AMX tiles only (attention_to_tiles rewrites on AMX targets)")
             _register_intrinsic()
             return schedule_packed_dense(sch, main, LANES, INTRIN, 24, k_group=K_GROUP, parallel_min_macs=PARALLEL_MIN_MACS)
 
@@ -337,3 +370,52 @@ def rewrite(mod, tvm_target):
         "layers_fp32": dict(rw.left),
     }
     return out, info
+
+
+def attention_to_tiles(mod, tvm_target):
+    """(module, count): on an AMX target, each fp32 ``matmul`` of two activations ``[B, M, K] x [B, K, N]`` (attention's
+    ``Q K^T`` and ``P V``) whose shape fits the tiles becomes a batched bf16 dense on them: both operands rounded to
+    bf16 in their producers' kernels (the right one packed as a weight, its transpose fused in), fp32 accumulation,
+    the scale / mask after it fused into the write-back. For ``--precision int8`` and ``bf16`` packages: in MiniLM
+    these matmuls took as long as the int8 denses once those were on tiles. Elsewhere the module is unchanged."""
+    from tvm import relax
+
+    from edgellm.backends import tvm_amx
+    from edgellm.backends.tvm_int8.rewrite import _CONST, _dtype, _shape
+
+    if not tvm_amx.has_amx(tvm_target):
+        return mod, 0
+
+    def fits(call):
+        a, b = call.args
+        sa, sb = _shape(a), _shape(b)
+        if isinstance(a, _CONST) or isinstance(b, _CONST) or sa is None or sb is None or len(sa) != 3 or len(sb) != 3 \
+                or sa[0] != sb[0] or sa[2] != sb[1] or _dtype(a) != "float32" or _dtype(b) != "float32" \
+                or _dtype(call) != "float32":
+            return False
+        return tvm_amx.plan(tvm_amx.BF16, sa[1], sb[2], sa[2]) is not None
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def __init__(self, m):
+            super().__init__(m)
+            self.done = 0
+
+        def visit_var_binding_(self, binding):
+            value = binding.value
+            if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.matmul" and fits(value):
+                bb = self.builder_
+                call = self.visit_expr(value)
+                a = bb.emit(bb.call_te(to_bf16_te, call.args[0], primfunc_name_hint="to_bf16"))
+                w = bb.emit(bb.call_te(pack_bf16_te, call.args[1], primfunc_name_hint="pack_bf16"))
+                new = bb.call_te(batched_dense_bf16_te, a, w, primfunc_name_hint="batched_dense_bf16")
+                emit = bb.emit if isinstance(binding.var, relax.DataflowVar) else bb.emit_output
+                self.set_var_remap(binding.var, emit(new, name_hint=binding.var.name))
+                self.done += 1
+                return
+            super().visit_var_binding_(binding)
+
+    rw = _Rewriter(mod)
+    gv = mod.get_global_var("main")
+    rw.builder_.update_func(gv, rw.visit_expr(mod[gv]))
+    return relax.transform.DeadCodeElimination()(rw.builder_.get()), rw.done

@@ -93,6 +93,44 @@ def test_bf16_dense_on_tiles_matches_float64(m, k, n):
     assert np.abs(out.numpy() - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
+def _attention_module(b, m, k, n):
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    q = relax.Var("q", relax.TensorType((b, m, k), "float32"))
+    kt = relax.Var("kt", relax.TensorType((b, k, n), "float32"))
+    with bb.function("main", [q, kt]):
+        with bb.dataflow():
+            s = bb.emit(relax.op.matmul(q, kt))
+            out = bb.emit_output(relax.op.multiply(s, relax.const(0.125, "float32")))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("b,m,k,n", [(12, 128, 32, 128), (12, 128, 128, 32)])  # MiniLM's Q K^T and P V
+def test_attention_matmul_on_tiles_matches_float64(b, m, k, n):
+    """Two activations multiplied (attention): both rounded to bf16 in the graph, the right one packed at run time,
+    a batched dense on tiles with the scale fused; held to 1e-6 of the scale against float64 on the same bf16 values."""
+    from edgellm.backends import tvm_pipelines
+
+    mod = _attention_module(b, m, k, n)
+    assert tvm_bf16.attention_to_tiles(mod, tvm.target.Target(targets.resolve("x86_64-avx512-bf16").tvm))[1] == 0
+    mod, count = tvm_bf16.attention_to_tiles(mod, SPR)
+    assert count == 1
+    ex = tvm.compile(mod, SPR, relax_pipeline=tvm_pipelines.get("edgellm", SPR))
+    assert re.search(r"\btdpbf16ps\b", ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ""), \
+        "no tdpbf16ps in the generated code"
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        pytest.skip("/proc/cpuinfo lacks amx_bf16: compiled and inspected only")
+    rng = np.random.default_rng(2)
+    x, y = (rng.standard_normal(s).astype(np.float32) for s in ((b, m, k), (b, k, n)))
+    vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y)).numpy()
+    xr, yr = (tvm_bf16.bf16_bits_to_f32(tvm_bf16.to_bf16_bits(v)).astype(np.float64) for v in (x, y))
+    ref = 0.125 * (xr @ yr)
+    assert np.abs(out - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
 _FOREIGN = r"""
 #include <immintrin.h>
 #include <stdint.h>
@@ -181,4 +219,6 @@ def test_int8_package_for_amx_target_uses_tiles_and_verifies(tmp_path):
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "model.so")], capture_output=True,
                          text=True, check=True).stdout
     assert len(re.findall(r"\btdpbusd\b", asm)) >= 4  # each 128-row dense (M = the 128 tokens) on tiles
+    assert m["backend"]["quantize"]["attention_matmuls"].startswith("12 ")  # Q K^T and P V of 6 layers, on tiles
+    assert len(re.findall(r"\btdpbf16ps\b", asm)) >= 2
     assert m["verification"]["status"] == ("passed" if {"amx_int8", "avx512_vnni"} <= cpu_flags() else "skipped"), m["verification"]
