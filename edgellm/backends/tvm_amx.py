@@ -25,6 +25,9 @@ Linux hands out the 8 KB tile state only on request (``arch_prctl(ARCH_REQ_XCOMP
 XFEATURE_XTILEDATA)``, per process): the function asks once per process, so every host of the
 package (TVM's runtime, edgellm's tiny runtime) gets it without setup.
 
+A batched dense (``[B, M, K] x [B, N/16, K/2, 16, 2]``: attention's ``Q K^T`` and ``P V`` after
+``tvm_bf16.attention_to_tiles``) runs the same blocks with the batch as one more parallel loop.
+
 Tiles: accumulators 0..r*c-1, A tiles next, B tiles last (r, c <= 2: at most the 8 tile registers).
 """
 

@@ -26,6 +26,8 @@ expression back into fp32 arithmetic on LLVM targets, and LLVM >= 17 declares ``
 On targets with AMX (x86_64-amx) the same dense runs on tiles (``tvm_amx``: ``tdpbf16ps``), and only the
 layers that fit them are rewritten: on those Intel cores ``vdpbf16ps`` issues on one port where fp32 FMAs
 take two, so the rest is faster in fp32. Elsewhere (Zen 4 / Zen 5) every such layer goes to ``vdpbf16ps``.
+There, too, attention's activation x activation matmuls become batched bf16 denses on tiles
+(``attention_to_tiles``, for int8 and bf16 packages): the right operand is packed at run time.
 
 Checked on Bochs's emulated Sapphire Rapids where this CPU lacks AVX512-BF16 (tests/x86_emulator.py).
 """
