@@ -375,7 +375,8 @@ def rewrite(mod, tvm_target):
 
 
 def attention_to_tiles(mod, tvm_target):
-    """(module, count): on an AMX target, each fp32 ``matmul`` of two activations ``[B, M, K] x [B, K, N]`` (attention's
+    """(module, count): on an AMX target, each fp32 ``matmul`` of two activations ``[..., M, K] x [..., K, N]`` with the
+    same batch dims in front (attention's
     ``Q K^T`` and ``P V``) whose shape fits the tiles becomes a batched bf16 dense on them: both operands rounded to
     bf16 in their producers' kernels (the right one packed as a weight, its transpose fused in), fp32 accumulation,
     the scale / mask after it fused into the write-back. For ``--precision int8`` and ``bf16`` packages: in MiniLM
@@ -391,11 +392,11 @@ def attention_to_tiles(mod, tvm_target):
     def fits(call):
         a, b = call.args
         sa, sb = _shape(a), _shape(b)
-        if isinstance(a, _CONST) or isinstance(b, _CONST) or sa is None or sb is None or len(sa) != 3 or len(sb) != 3 \
-                or sa[0] != sb[0] or sa[2] != sb[1] or _dtype(a) != "float32" or _dtype(b) != "float32" \
-                or _dtype(call) != "float32":
+        if isinstance(a, _CONST) or isinstance(b, _CONST) or sa is None or sb is None or len(sa) < 3 \
+                or len(sb) != len(sa) or sa[:-2] != sb[:-2] or sa[-1] != sb[-2] or _dtype(a) != "float32" \
+                or _dtype(b) != "float32" or _dtype(call) != "float32":
             return False
-        return tvm_amx.plan(tvm_amx.BF16, sa[1], sb[2], sa[2]) is not None
+        return tvm_amx.plan(tvm_amx.BF16, sa[-2], sb[-1], sa[-1]) is not None
 
     @relax.expr_functor.mutator
     class _Rewriter(relax.PyExprMutator):
@@ -408,9 +409,14 @@ def attention_to_tiles(mod, tvm_target):
             if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.matmul" and fits(value):
                 bb = self.builder_
                 call = self.visit_expr(value)
-                a = bb.emit(bb.call_te(to_bf16_te, call.args[0], primfunc_name_hint="to_bf16"))
-                w = bb.emit(bb.call_te(pack_bf16_te, call.args[1], primfunc_name_hint="pack_bf16"))
+                (*lead, m, k), n = _shape(call.args[0]), _shape(call.args[1])[-1]
+                x, y = (bb.emit(relax.op.reshape(v, [int(np.prod(lead)), *_shape(v)[-2:]])) if len(lead) > 1 else v
+                        for v in call.args)
+                a = bb.emit(bb.call_te(to_bf16_te, x, primfunc_name_hint="to_bf16"))
+                w = bb.emit(bb.call_te(pack_bf16_te, y, primfunc_name_hint="pack_bf16"))
                 new = bb.call_te(batched_dense_bf16_te, a, w, primfunc_name_hint="batched_dense_bf16")
+                if len(lead) > 1:
+                    new = relax.op.reshape(bb.emit(new), [*lead, m, n])
                 emit = bb.emit if isinstance(binding.var, relax.DataflowVar) else bb.emit_output
                 self.set_var_remap(binding.var, emit(new, name_hint=binding.var.name))
                 self.done += 1

@@ -97,8 +97,8 @@ def _attention_module(b, m, k, n):
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    q = relax.Var("q", relax.TensorType((b, m, k), "float32"))
-    kt = relax.Var("kt", relax.TensorType((b, k, n), "float32"))
+    q = relax.Var("q", relax.TensorType((*b, m, k), "float32"))
+    kt = relax.Var("kt", relax.TensorType((*b, k, n), "float32"))
     with bb.function("main", [q, kt]):
         with bb.dataflow():
             s = bb.emit(relax.op.matmul(q, kt))
@@ -107,7 +107,8 @@ def _attention_module(b, m, k, n):
     return bb.get()
 
 
-@pytest.mark.parametrize("b,m,k,n", [(12, 128, 32, 128), (12, 128, 128, 32)])  # MiniLM's Q K^T and P V
+# MiniLM's Q K^T and P V ([heads, ...]); an ONNX export's 4-D [batch, heads, ...] form
+@pytest.mark.parametrize("b,m,k,n", [((12,), 128, 32, 128), ((12,), 128, 128, 32), ((1, 4), 64, 64, 32)])
 def test_attention_matmul_on_tiles_matches_float64(b, m, k, n):
     """Two activations multiplied (attention): both rounded to bf16 in the graph, the right one packed at run time,
     a batched dense on tiles with the scale fused; held to 1e-6 of the scale against float64 on the same bf16 values."""
@@ -123,7 +124,7 @@ def test_attention_matmul_on_tiles_matches_float64(b, m, k, n):
     if not {"amx_tile", "amx_bf16"} <= cpu_flags():
         pytest.skip("/proc/cpuinfo lacks amx_bf16: compiled and inspected only")
     rng = np.random.default_rng(2)
-    x, y = (rng.standard_normal(s).astype(np.float32) for s in ((b, m, k), (b, k, n)))
+    x, y = (rng.standard_normal(s).astype(np.float32) for s in ((*b, m, k), (*b, k, n)))
     vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y)).numpy()
     xr, yr = (tvm_bf16.bf16_bits_to_f32(tvm_bf16.to_bf16_bits(v)).astype(np.float64) for v in (x, y))
