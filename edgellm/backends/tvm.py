@@ -79,8 +79,7 @@ class Backend:
 
             mod, on_tiles = tvm_bf16.attention_to_tiles(mod, tvm_target)
             if on_tiles:
-                (quant_info if quant_info is not None else bf16_info)["attention_matmuls"] = \
-                    f"{on_tiles} activation x activation matmuls in bf16 x bf16 -> fp32 on AMX tdpbf16ps tiles"
+                tvm_bf16.note_attention_on_tiles(quant_info if quant_info is not None else bf16_info, on_tiles)
         tuning, db_dir = None, None
         if options.get("tune") or options.get("tuning_db"):
             from edgellm.backends import tvm_tune

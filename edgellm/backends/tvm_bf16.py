@@ -375,12 +375,12 @@ def rewrite(mod, tvm_target):
 
 
 def attention_to_tiles(mod, tvm_target):
-    """(module, count): on an AMX target, each fp32 ``matmul`` of two activations ``[..., M, K] x [..., K, N]`` with the
-    same batch dims in front (attention's
-    ``Q K^T`` and ``P V``) whose shape fits the tiles becomes a batched bf16 dense on them: both operands rounded to
-    bf16 in their producers' kernels (the right one packed as a weight, its transpose fused in), fp32 accumulation,
-    the scale / mask after it fused into the write-back. For ``--precision int8`` and ``bf16`` packages: in MiniLM
-    these matmuls took as long as the int8 denses once those were on tiles. Elsewhere the module is unchanged."""
+    """(module, count): on an AMX target, each fp32 ``matmul`` of two activations ``[..., M, K] x [..., K, N]`` (the same
+    batch dims in front: attention's ``Q K^T`` and ``P V``) whose shape fits the tiles becomes a batched bf16 dense on
+    them: both operands rounded to bf16 in their producers' kernels (the right one packed as a weight, its transpose
+    fused in), fp32 accumulation, the scale after it fused into the write-back. For ``--precision int8`` and ``bf16``
+    packages: in MiniLM these matmuls took as long as the int8 denses once those were on tiles. Elsewhere the module
+    is unchanged."""
     from tvm import relax
 
     from edgellm.backends import tvm_amx
@@ -409,7 +409,7 @@ def attention_to_tiles(mod, tvm_target):
             if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.matmul" and fits(value):
                 bb = self.builder_
                 call = self.visit_expr(value)
-                (*lead, m, k), n = _shape(call.args[0]), _shape(call.args[1])[-1]
+                (*lead, m, _), n = _shape(call.args[0]), _shape(call.args[1])[-1]
                 x, y = (bb.emit(relax.op.reshape(v, [int(np.prod(lead)), *_shape(v)[-2:]])) if len(lead) > 1 else v
                         for v in call.args)
                 a = bb.emit(bb.call_te(to_bf16_te, x, primfunc_name_hint="to_bf16"))
@@ -427,3 +427,16 @@ def attention_to_tiles(mod, tvm_target):
     gv = mod.get_global_var("main")
     rw.builder_.update_func(gv, rw.visit_expr(mod[gv]))
     return relax.transform.DeadCodeElimination()(rw.builder_.get()), rw.done
+
+
+def note_attention_on_tiles(info: dict, count: int) -> None:
+    """Record in an int8 / bf16 manifest entry that ``count`` attention matmuls run in bf16 on tiles (they leave its
+    ``layers_fp32``, where the rewrite before listed them)."""
+    info["attention_matmuls"] = f"{count} activation x activation matmuls in bf16 x bf16 -> fp32 on AMX tdpbf16ps tiles"
+    left = info.get("layers_fp32", {})
+    for key in [k for k in left if "activation x activation" in k]:
+        taken = min(count, left[key])
+        left[key] -= taken
+        count -= taken
+        if not left[key]:
+            del left[key]

@@ -221,5 +221,6 @@ def test_int8_package_for_amx_target_uses_tiles_and_verifies(tmp_path):
                          text=True, check=True).stdout
     assert len(re.findall(r"\btdpbusd\b", asm)) >= 4  # each 128-row dense (M = the 128 tokens) on tiles
     assert m["backend"]["quantize"]["attention_matmuls"].startswith("12 ")  # Q K^T and P V of 6 layers, on tiles
+    assert not any("activation x activation" in k for k in m["backend"]["quantize"]["layers_fp32"])
     assert len(re.findall(r"\btdpbf16ps\b", asm)) >= 2
     assert m["verification"]["status"] == ("passed" if {"amx_int8", "avx512_vnni"} <= cpu_flags() else "skipped"), m["verification"]
