@@ -151,6 +151,39 @@ def test_on_amx_targets_only_layers_that_fit_tiles_go_bf16():
     assert sum(v for k, v in info["layers_fp32"].items() if k.endswith(bf16.NOT_TILES)) == 3, info["layers_fp32"]
 
 
+def test_on_amx_targets_rows_are_padded_to_whole_tiles():
+    """A 3x3 conv on a 7x7 map has 49 output rows: on an AMX target the patches get 15 zero rows (a third more work
+    at most; ResNet-18's 14x14 and 7x7 convs) and the padded outputs are sliced off; a 1-row linear layer would take
+    15 and stays fp32. Compiled for this machine (on an AMX CPU the tiles run), the output keeps the bf16 contract."""
+    import torch
+    from torch import nn
+    from tvm import relax
+
+    from edgellm.backends import tvm_pipelines
+    from edgellm.backends.tvm_base import to_relax
+    from edgellm.source import Source
+    from edgellm.trace import trace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 7 * 7, 10)).eval()
+    traced = trace(Source("cnn7", "torch", "cnn7", model, {"x": torch.randn(1, 32, 7, 7)}))
+    mod, info = bf16.rewrite(to_relax(traced), SPR)
+    assert info["layers_bf16"] == 1 and sum(info["layers_fp32"].values()) == 1, info
+    host = tvm.target.Target(targets.host().tvm)
+    x = traced.example_inputs["x"]
+
+    def run(m):
+        with tvm.transform.PassContext(opt_level=3):
+            ex = tvm.compile(m, host, relax_pipeline=tvm_pipelines.get("edgellm", host))
+        out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))
+        return (out[0] if not hasattr(out, "numpy") else out).numpy().ravel()
+
+    ref, got = run(to_relax(traced)), run(mod)
+    assert got.shape == (10,)
+    assert float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)) >= 0.999
+    assert np.abs(got - ref).max() <= 5e-2 * np.abs(ref).max()
+
+
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
 @pytest.mark.parametrize("model,target,instr,flags", [
     ("kws-cnn", "x86_64-avx512-bf16", "vdpbf16ps", {"avx512_bf16"}),
