@@ -110,20 +110,14 @@ MODELS = {  # (traced model, layers in bf16, layers left fp32)
 }
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_rewrite_keeps_the_model_within_the_bf16_contract(name):
-    """The rewritten graph, compiled for this CPU (the bf16 dense then without vdpbf16ps: the same numbers,
-    TVM's generic schedule): a transformer block's four constant-weight matmuls in bf16, attention's two fp32;
-    a CNN's kxk, strided and 1x1 convs and its linear layer in bf16 (im2col), the depthwise conv fp32."""
+def _fp32_and_bf16_on_host(traced, mod):
+    """(fp32 output, ``mod``'s output): the traced model and its rewritten module, compiled for this machine with
+    edgellm's pipeline, run on the example input."""
     from tvm import relax
 
     from edgellm.backends import tvm_pipelines
     from edgellm.backends.tvm_base import to_relax
 
-    make, n_bf16, left = MODELS[name]
-    traced = make()
-    mod, info = bf16.rewrite(to_relax(traced), SPR_NO_AMX)
-    assert info["layers_bf16"] == n_bf16 and info["layers_fp32"] == left
     host = tvm.target.Target(targets.host().tvm)
     x = traced.example_inputs["x"]
 
@@ -133,7 +127,21 @@ def test_rewrite_keeps_the_model_within_the_bf16_contract(name):
         out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))
         return (out[0] if not hasattr(out, "numpy") else out).numpy().ravel()
 
-    ref, got = run(to_relax(traced)), run(mod)
+    return run(to_relax(traced)), run(mod)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_rewrite_keeps_the_model_within_the_bf16_contract(name):
+    """The rewritten graph, compiled for this CPU (the bf16 dense then without vdpbf16ps: the same numbers,
+    TVM's generic schedule): a transformer block's four constant-weight matmuls in bf16, attention's two fp32;
+    a CNN's kxk, strided and 1x1 convs and its linear layer in bf16 (im2col), the depthwise conv fp32."""
+    from edgellm.backends.tvm_base import to_relax
+
+    make, n_bf16, left = MODELS[name]
+    traced = make()
+    mod, info = bf16.rewrite(to_relax(traced), SPR_NO_AMX)
+    assert info["layers_bf16"] == n_bf16 and info["layers_fp32"] == left
+    ref, got = _fp32_and_bf16_on_host(traced, mod)
     cosine = float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got))
     assert cosine >= 0.999 and not np.array_equal(ref, got)  # bf16 really rounded something
 
@@ -157,9 +165,7 @@ def test_on_amx_targets_rows_are_padded_to_whole_tiles():
     15 and stays fp32. Compiled for this machine (on an AMX CPU the tiles run), the output keeps the bf16 contract."""
     import torch
     from torch import nn
-    from tvm import relax
 
-    from edgellm.backends import tvm_pipelines
     from edgellm.backends.tvm_base import to_relax
     from edgellm.source import Source
     from edgellm.trace import trace
@@ -169,16 +175,7 @@ def test_on_amx_targets_rows_are_padded_to_whole_tiles():
     traced = trace(Source("cnn7", "torch", "cnn7", model, {"x": torch.randn(1, 32, 7, 7)}))
     mod, info = bf16.rewrite(to_relax(traced), SPR)
     assert info["layers_bf16"] == 1 and sum(info["layers_fp32"].values()) == 1, info
-    host = tvm.target.Target(targets.host().tvm)
-    x = traced.example_inputs["x"]
-
-    def run(m):
-        with tvm.transform.PassContext(opt_level=3):
-            ex = tvm.compile(m, host, relax_pipeline=tvm_pipelines.get("edgellm", host))
-        out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))
-        return (out[0] if not hasattr(out, "numpy") else out).numpy().ravel()
-
-    ref, got = run(to_relax(traced)), run(mod)
+    ref, got = _fp32_and_bf16_on_host(traced, mod)
     assert got.shape == (10,)
     assert float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)) >= 0.999
     assert np.abs(got - ref).max() <= 5e-2 * np.abs(ref).max()
