@@ -48,7 +48,9 @@ def test_bench_reports_every_engine_with_accuracy(tmp_path):
     assert min(e["ratio_to_best_peer"] for k, e in engines.items() if not k.startswith("edgellm")) == pytest.approx(1.0)
     for name in ("edgellm-tvm", "edgellm-openvino"):
         assert engines[name]["rel_max_abs"] <= 1e-4 and engines[name]["package_bytes"] > 0
-    assert report["models"][0]["auto_choice"] in ("edgellm-tvm", "edgellm-openvino")
+    # auto: the fastest edgellm package within fp32's tolerance (on an AMX host that can be TVM's bf16 package)
+    within = {k: e for k, e in engines.items() if k.startswith("edgellm") and e["rel_max_abs"] <= 1e-4}
+    assert report["models"][0]["auto_choice"] == min(within, key=lambda k: within[k]["p50_ms"])
     assert "data:image/png;base64," in (tmp_path / "b.html").read_text()
 
 
