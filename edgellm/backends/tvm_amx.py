@@ -79,7 +79,8 @@ def describe(op: Operand, target, vector_isa: str) -> str:
     """The manifest's words for where ``op``'s dense runs on ``target``: on tiles where they fit, else ``vector_isa``."""
     if not has_amx(target):
         return vector_isa
-    return f"AMX {op.instr} tiles where M is whole 16-row tiles and K whole 64-byte rows, else {vector_isa}"
+    return (f"AMX {op.instr} tiles where K is whole 64-byte rows and M whole 16-row tiles (zero rows added up to a "
+            f"third), else {vector_isa}")
 
 
 class Plan(NamedTuple):
@@ -110,6 +111,16 @@ def plan(op: Operand, m: int, n: int, k: int) -> Plan | None:
     r = 2 if (m // MAX_ROWS) % 2 == 0 else 1
     c = 2 if (n // LANES) % 2 == 0 else 1
     return Plan(MAX_ROWS, r, c, per_row)
+
+
+def row_padding(op: Operand, target, m: int, n: int, k: int) -> int:
+    """Zero rows that bring an ``[m, k] x [k, n]`` dense to whole 16-row tiles on an AMX ``target`` (a CNN's 14x14 and
+    7x7 layers: 196 and 49 rows), when they add at most a third to the work and the padded dense fits the tiles; else
+    0. The rewrites pad the activation rows in their producer's kernel and slice the outputs off in the epilogue."""
+    pad = -m % MAX_ROWS
+    if not has_amx(target) or not pad or pad * 3 > m or plan(op, m + pad, n + (-n % LANES), k) is None:
+        return 0
+    return pad
 
 
 #: palette 1, all 8 tiles 16 rows x 64 bytes (colsb as u16 from byte 16, rows from byte 48)

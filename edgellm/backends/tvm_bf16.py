@@ -310,7 +310,7 @@ def rewrite(mod, tvm_target):
             if a is None:
                 a = bb.emit(bb.call_te(to_bf16_te, call.args[0], primfunc_name_hint="to_bf16"))
                 a = bb.emit(relax.op.reshape(a, [m, k]))
-            m_pad = _row_padding(m)
+            m_pad = tvm_amx.row_padding(tvm_amx.BF16, tvm_target, m, n, k)
             if m_pad:  # zero rows up to whole 16-row tiles; their outputs are sliced off
                 a = bb.emit(relax.op.nn.pad(a, [0, m_pad, 0, 0]))
             y = bb.emit(bb.call_te(dense_bf16_te, a, relax.const(packed), primfunc_name_hint="dense_bf16"))
@@ -352,17 +352,12 @@ def rewrite(mod, tvm_target):
 
     amx = tvm_amx.has_amx(tvm_target)
 
-    def _row_padding(m):
-        """Zero rows that bring ``m`` to whole 16-row tiles on an AMX target (ResNet's 14x14 and 7x7 convs: 196 and 49
-        rows), when they add at most a third to the work; else 0."""
-        pad = -m % tvm_amx.MAX_ROWS if amx else 0
-        return pad if pad * 3 <= m else 0
-
     def _on_tiles(m, n, k):
-        """False where the target has AMX and this dense does not fit its tiles, even with ``_row_padding``: on those
+        """False where the target has AMX and this dense does not fit its tiles, even with zero rows added: on those
         Intel cores ``vdpbf16ps`` issues on one port where fp32 FMAs take two (MiniLM all on vdpbf16ps: 14.1 ms vs
         fp32's 9.5), so such a layer is faster left fp32."""
-        return not amx or tvm_amx.plan(tvm_amx.BF16, m + _row_padding(m), n + (-n % LANES), k) is not None
+        return not amx or tvm_amx.plan(tvm_amx.BF16, m + tvm_amx.row_padding(tvm_amx.BF16, tvm_target, m, n, k),
+                                       n + (-n % LANES), k) is not None
 
     rw = _Rewriter(mod)
     gv = mod.get_global_var("main")

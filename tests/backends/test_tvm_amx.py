@@ -224,3 +224,37 @@ def test_int8_package_for_amx_target_uses_tiles_and_verifies(tmp_path):
     assert not any("activation x activation" in k for k in m["backend"]["quantize"]["layers_fp32"])
     assert len(re.findall(r"\btdpbf16ps\b", asm)) >= 2
     assert m["verification"]["status"] == ("passed" if {"amx_int8", "avx512_vnni"} <= cpu_flags() else "skipped"), m["verification"]
+
+
+_CNN7 = '''
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, 2, 1), nn.ReLU(), nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    return model.eval(), (torch.randn(1, 3, 14, 14),)
+'''
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+def test_int8_kxk_convs_go_on_tiles_with_rows_padded(tmp_path):
+    """On an AMX target every kxk conv whose im2col dense fits the tiles is int8 (3x3x64: K 576), not only a stem's;
+    its 49 rows (a 7x7 map) get zero rows up to 64 and are sliced off again. For a VNNI target those convs stay fp32.
+    On an AMX CPU the package verifies against fp32 within int8's contract (the build's own check)."""
+    (tmp_path / "cnn7.py").write_text(_CNN7)
+    src = f"{tmp_path / 'cnn7.py'}:build"
+    vnni = api.build(src, "x86_64-avx512", tmp_path / "v.edgepkg", precision="int8", calib="random", backend="tvm")
+    v = vnni.manifest["backend"]["quantize"]
+    assert v["layers_int8"] == 2 and sum(v["layers_fp32"].values()) == 2, v  # the stem and the linear layer int8
+    result = api.build(src, "x86_64-amx", tmp_path / "a.edgepkg", precision="int8", calib="random", backend="tvm")
+    q = result.manifest["backend"]["quantize"]
+    assert q["layers_int8"] == 4 and not q["layers_fp32"], q
+    with zipfile.ZipFile(result.path) as z:
+        (tmp_path / "model.so").write_bytes(z.read("model.so"))
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "model.so")], capture_output=True,
+                         text=True, check=True).stdout
+    assert re.search(r"\btdpbusd\b", asm)
+    assert result.manifest["verification"]["status"] == ("passed" if {"amx_int8", "avx512_vnni"} <= cpu_flags() else "skipped")

@@ -104,7 +104,7 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
     cands = activation_inputs(mod["main"])
     chosen, left = [], collections.Counter()
     for name, call in cands:
-        kind, w, why = candidate(call)
+        kind, w, why = candidate(call, tiles=tvm_target)
         if w is None:
             left[f"{kind}: {why}"] += 1
         else:
@@ -130,7 +130,7 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
     else:
         plan = {n: {"mode": "dynamic"} for n in chosen}
     rw_stats: dict = {}
-    new, done = rewrite(mod, plan, lanes, act_dtype, stats=rw_stats, weight_max=pk.weight_max,
+    new, done = rewrite(mod, plan, lanes, act_dtype, stats=rw_stats, weight_max=pk.weight_max, tvm_target=tvm_target,
                         # u8-input depthwise convs in integer arithmetic on x86 AVX-512 VNNI (depthwise.py; kws-cnn
                         # 4.7 -> 3.1 us a conv on 2 threads); option int8_depthwise_int=False: the f32 kernel
                         int_depthwise=options.get("int8_depthwise_int", True) and lanes == 16 and has_vnni(tvm_target))

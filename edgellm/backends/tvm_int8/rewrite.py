@@ -47,6 +47,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from edgellm.backends import tvm_amx
+
 from . import depthwise as dw_int
 from .compute import dense_int8_te, depthwise_dq_te, im2col_channels, im2col_primfunc, pack_weight, pad_codes_te
 
@@ -75,9 +77,11 @@ def _dtype(expr):
     return getattr(ty, "dtype", None)
 
 
-def candidate(call, k_multiple: int = 4) -> tuple[str, np.ndarray | None, str]:
+def candidate(call, k_multiple: int = 4, tiles=None) -> tuple[str, np.ndarray | None, str]:
     """(kind, W as float [N, K], why-not) for a call; W None when the op stays fp32. ``k_multiple``: what K
-    (Cin of a 1x1 conv) must be a multiple of (int8's dot products take 4 bytes a lane; bf16's 2 values)."""
+    (Cin of a 1x1 conv) must be a multiple of (int8's dot products take 4 bytes a lane; bf16's 2 values).
+    ``tiles``: the int8 build's TVM target; on an AMX one every kxk conv whose im2col dense fits the tiles is
+    taken too (``_kxk_on_tiles``), not only stems."""
     if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
         return "", None, ""
     name = call.op.name
@@ -105,10 +109,11 @@ def candidate(call, k_multiple: int = 4) -> tuple[str, np.ndarray | None, str]:
         return "conv2d", None, "depthwise" if int(a.groups) == cout else "grouped"
     if not _is_pointwise(a, kh, kw):
         # a kxk conv with a small patch (a stem: Cin 1 or 3) runs as im2col + int8 dense
-        if kh * kw * cin <= IM2COL_MAX_K and all(int(d) == 1 for d in a.dilation) and _dtype(x) == "float32" \
-                and _shape(x) is not None:
+        if all(int(d) == 1 for d in a.dilation) and _dtype(x) == "float32" and _shape(x) is not None \
+                and (kh * kw * cin <= IM2COL_MAX_K or _kxk_on_tiles(call, wt.shape, tiles)):
             return "conv2d", np.ascontiguousarray(wt.reshape(kh * kw * cin, cout).T), ""
-        return "conv2d", None, f"{kh}x{kw} conv (int8 dense: 1x1 stride-1 convs, and kxk convs with kh*kw*Cin <= {IM2COL_MAX_K})"
+        return "conv2d", None, f"{kh}x{kw} conv (int8 dense: 1x1 stride-1 convs, and kxk convs with kh*kw*Cin <= {IM2COL_MAX_K}" \
+            + (" or whose patches fit AMX tiles)" if tiles is not None and tvm_amx.has_amx(tiles) else ")")
     if cin % k_multiple:
         return "conv2d", None, f"Cin={cin} not a multiple of {k_multiple}"
     if _dtype(x) != "float32" or _shape(x) is None:
@@ -119,6 +124,24 @@ def candidate(call, k_multiple: int = 4) -> tuple[str, np.ndarray | None, str]:
 #: largest kh*kw*Cin of a kxk conv rewritten as im2col + int8 dense (the patch matrix is
 #: kh*kw/stride^2 times the input: fine for stems, not for a ResNet's 3x3x64 convs)
 IM2COL_MAX_K = 160
+
+
+#: largest patch matrix (bytes) of a kxk conv that goes int8 on AMX tiles (ResNet-18's largest: 3136 x 576)
+IM2COL_MAX_BYTES = 8 << 20
+
+
+def _kxk_on_tiles(call, hwio_shape, target) -> bool:
+    """True when ``target`` has AMX and the kxk conv's im2col dense fits its tiles (K = kh*kw*Cp whole 64-byte rows, rows
+    whole tiles or padded to them): there the tiles outrun the patch matrix's extra memory pass (ResNet-18's 3x3
+    convs, all fp32 before); with VNNI alone a 3x3x64 conv is faster left fp32."""
+    if target is None or not tvm_amx.has_amx(target) or _shape(call) is None:
+        return False
+    kh, kw, cin, cout = hwio_shape
+    m, k = int(np.prod(_shape(call)[:-1])), kh * kw * im2col_channels(cin, kw)
+    if m * k > IM2COL_MAX_BYTES:
+        return False
+    m_tiles = m + tvm_amx.row_padding(tvm_amx.INT8, target, m, cout, k)
+    return tvm_amx.plan(tvm_amx.INT8, m_tiles, cout + (-cout % tvm_amx.LANES), k) is not None
 
 
 def _is_pointwise(attrs, kh: int, kw: int) -> bool:
@@ -264,8 +287,9 @@ class _Int8Rewriter(relax.PyExprMutator):
         cols = bb.emit(relax.call_tir(gv, [p], relax.TensorType((b * oh, ow, kh, kw * cp), self.act_dtype)))
         return bb.emit(relax.op.reshape(cols, [b * oh * ow, kh * kw * cp]))
 
-    def __init__(self, mod, plan, lanes, act_dtype, int_depthwise=True, weight_max=127):
+    def __init__(self, mod, plan, lanes, act_dtype, int_depthwise=True, weight_max=127, tvm_target=None):
         super().__init__(mod)
+        self.tvm_target = tvm_target  # AMX targets get zero rows up to whole tiles (tvm_amx.row_padding)
         self.weight_max = weight_max
         self.int_depthwise = int_depthwise
         self.int_depthwise_done = 0  # depthwise convs rewritten to integer arithmetic
@@ -290,7 +314,7 @@ class _Int8Rewriter(relax.PyExprMutator):
     def _rewrite(self, call, spec):
         if spec["mode"] == "depthwise_8bit_input":
             return self._depthwise(call, spec)
-        _, w_nk, _ = candidate(call)
+        _, w_nk, _ = candidate(call, tiles=self.tvm_target)
         if w_nk is None:
             return None
         bb, lanes, dt = self.builder_, self.lanes, self.act_dtype
@@ -338,9 +362,12 @@ class _Int8Rewriter(relax.PyExprMutator):
             q = self._im2col(q, call, zp)
         else:
             q = bb.emit(relax.op.reshape(q, [m, k]))
+        m_pad = tvm_amx.row_padding(tvm_amx.INT8, self.tvm_target, m, n, k)
+        if m_pad:  # zero rows up to whole 16-row tiles (the pad fuses into the quantize); their outputs are sliced off
+            q = bb.emit(relax.op.nn.pad(q, [0, m_pad, 0, 0], pad_value=float(zp)))
         acc = bb.emit(bb.call_te(dense_int8_te, q, relax.const(pack_weight(wq_p, lanes)), lanes, primfunc_name_hint="dense_int8"))
-        if n_pad:
-            acc = bb.emit(relax.op.strided_slice(acc, axes=[1], begin=[0], end=[n]))
+        if n_pad or m_pad:
+            acc = bb.emit(relax.op.strided_slice(acc, axes=[0, 1], begin=[0, 0], end=[m, n]))
         y = relax.op.astype(acc, f32)
         if row_scale is None:  # static: acc * s[n] + (-zp * colsum[n] * s[n]); the offset later merges with the bias
             y = relax.op.multiply(y, relax.const(col_scale.astype(np.float32)))
@@ -363,12 +390,12 @@ def row_absmax_te(x):
 
 
 def rewrite(mod, plan: dict, lanes: int, act_dtype: str, int_depthwise: bool = True, stats: dict | None = None,
-            weight_max: int = 127):
+            weight_max: int = 127, tvm_target=None):
     """(new module, keys rewritten): ``plan`` maps binding keys (``binding_keys``) of candidate calls
     in ``main`` to their activation quantization (see ``_Int8Rewriter``). ``int_depthwise``: u8-input
     depthwise convs in integer arithmetic (x86 VNNI, ``depthwise.py``) instead of f32 (``stats``, when
     given, gets ``int_depthwise``: how many)."""
-    rw = _Int8Rewriter(mod, plan, lanes, act_dtype, int_depthwise, weight_max)
+    rw = _Int8Rewriter(mod, plan, lanes, act_dtype, int_depthwise, weight_max, tvm_target)
     gv = mod.get_global_var("main")
     rw.keys = binding_keys(mod[gv])
     rw.builder_.update_func(gv, rw.visit_expr(mod[gv]))
