@@ -240,21 +240,20 @@ def build():
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
-def test_int8_kxk_convs_go_on_tiles_with_rows_padded(tmp_path):
-    """On an AMX target every kxk conv whose im2col dense fits the tiles is int8 (3x3x64: K 576), not only a stem's;
-    its 49 rows (a 7x7 map) get zero rows up to 64 and are sliced off again. For a VNNI target those convs stay fp32.
-    On an AMX CPU the package verifies against fp32 within int8's contract (the build's own check)."""
+@pytest.mark.parametrize("target,flags", [("x86_64-avx512", {"avx512_vnni"}), ("x86_64-amx", {"amx_int8", "avx512_vnni"})])
+def test_int8_kxk_convs_run_as_int8_denses_and_on_amx_with_rows_padded_to_tiles(tmp_path, target, flags):
+    """On x86 every kxk conv whose patches fit in IM2COL_MAX_BYTES is an int8 dense (3x3x64: K 576), not only a stem.
+    On an AMX target its 49 rows (a 7x7 map) get zero rows up to 64, so it runs on tiles (``tdpbusd``: the stem's K 36
+    and the 1-row linear layer do not fit them); on a CPU with the target's features the package verifies against
+    fp32 within int8's contract (the build's own check)."""
     (tmp_path / "cnn7.py").write_text(_CNN7)
-    src = f"{tmp_path / 'cnn7.py'}:build"
-    vnni = api.build(src, "x86_64-avx512", tmp_path / "v.edgepkg", precision="int8", calib="random", backend="tvm")
-    v = vnni.manifest["backend"]["quantize"]
-    assert v["layers_int8"] == 2 and sum(v["layers_fp32"].values()) == 2, v  # the stem and the linear layer int8
-    result = api.build(src, "x86_64-amx", tmp_path / "a.edgepkg", precision="int8", calib="random", backend="tvm")
+    result = api.build(f"{tmp_path / 'cnn7.py'}:build", target, tmp_path / "a.edgepkg", precision="int8", calib="random",
+                       backend="tvm")
     q = result.manifest["backend"]["quantize"]
     assert q["layers_int8"] == 4 and not q["layers_fp32"], q
     with zipfile.ZipFile(result.path) as z:
         (tmp_path / "model.so").write_bytes(z.read("model.so"))
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "model.so")], capture_output=True,
                          text=True, check=True).stdout
-    assert re.search(r"\btdpbusd\b", asm)
-    assert result.manifest["verification"]["status"] == ("passed" if {"amx_int8", "avx512_vnni"} <= cpu_flags() else "skipped")
+    assert bool(re.search(r"\btdpbusd\b", asm)) == (target == "x86_64-amx")
+    assert result.manifest["verification"]["status"] == ("passed" if flags <= cpu_flags() else "skipped")

@@ -104,7 +104,7 @@ def quantize(mod, tvm_target, options: dict, input_names: list[str]):
     cands = activation_inputs(mod["main"])
     chosen, left = [], collections.Counter()
     for name, call in cands:
-        kind, w, why = candidate(call, tiles=tvm_target)
+        kind, w, why = candidate(call, target=tvm_target)
         if w is None:
             left[f"{kind}: {why}"] += 1
         else:

@@ -27,8 +27,8 @@ Reshapes: the dense works on [M, K]; ``sink_reshapes`` moves the reshape back to
 the elementwise epilogue, so FuseOps keeps the epilogue (and the next layer's quantize) in
 the dense's PrimFunc.
 
-A kxk conv with a small patch (``kh*kw*Cin <= IM2COL_MAX_K``: a network's stem, Cin 1 or 3)
-is an int8 dense too: quantize + pad (one fused kernel, channels padded so a patch row is a
+A kxk conv is an int8 dense too -- on x86 any whose patch matrix is at most ``IM2COL_MAX_BYTES``
+(a ResNet's 3x3 convs), on arm64 one with a small patch (``kh*kw*Cin <= IM2COL_MAX_K``: a stem): quantize + pad (one fused kernel, channels padded so a patch row is a
 multiple of 4 bytes), ``compute.im2col_primfunc`` (an opaque kernel, so the quantize is not
 recomputed per patch), a free view to ``[M, kh*kw*Cp]``, the packed dense.
 
@@ -37,7 +37,7 @@ Epilogues: ``fold_requantize`` turns each elementwise chain ending in a cast to 
 round on uint8 (see there).
 
 Left fp32 (and said so in the report): depthwise convs not fed by an int8 dense or an fp32
-conv, grouped convs, kxk convs with larger patches, layers with K % 4 != 0, activation x
+conv, grouped convs, kxk convs with larger patches (see above), layers with K % 4 != 0, activation x
 activation matmuls (attention).
 """
 
@@ -77,11 +77,11 @@ def _dtype(expr):
     return getattr(ty, "dtype", None)
 
 
-def candidate(call, k_multiple: int = 4, tiles=None) -> tuple[str, np.ndarray | None, str]:
+def candidate(call, k_multiple: int = 4, target=None) -> tuple[str, np.ndarray | None, str]:
     """(kind, W as float [N, K], why-not) for a call; W None when the op stays fp32. ``k_multiple``: what K
     (Cin of a 1x1 conv) must be a multiple of (int8's dot products take 4 bytes a lane; bf16's 2 values).
-    ``tiles``: the int8 build's TVM target; on an AMX one every kxk conv whose im2col dense fits the tiles is
-    taken too (``_kxk_on_tiles``), not only stems."""
+    ``target``: the int8 build's TVM target; on x86 every kxk conv whose patch matrix is at most
+    ``IM2COL_MAX_BYTES`` is taken (``_kxk_im2col``), elsewhere only stems (``kh*kw*Cin <= IM2COL_MAX_K``)."""
     if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
         return "", None, ""
     name = call.op.name
@@ -110,10 +110,10 @@ def candidate(call, k_multiple: int = 4, tiles=None) -> tuple[str, np.ndarray | 
     if not _is_pointwise(a, kh, kw):
         # a kxk conv with a small patch (a stem: Cin 1 or 3) runs as im2col + int8 dense
         if all(int(d) == 1 for d in a.dilation) and _dtype(x) == "float32" and _shape(x) is not None \
-                and (kh * kw * cin <= IM2COL_MAX_K or _kxk_on_tiles(call, wt.shape, tiles)):
+                and (kh * kw * cin <= IM2COL_MAX_K or _kxk_im2col(call, wt.shape, target)):
             return "conv2d", np.ascontiguousarray(wt.reshape(kh * kw * cin, cout).T), ""
-        return "conv2d", None, f"{kh}x{kw} conv (int8 dense: 1x1 stride-1 convs, and kxk convs with kh*kw*Cin <= {IM2COL_MAX_K}" \
-            + (" or whose patches fit AMX tiles)" if tiles is not None and tvm_amx.has_amx(tiles) else ")")
+        return "conv2d", None, f"{kh}x{kw} conv (int8 dense: 1x1 stride-1 convs, and kxk convs with " + (
+            f"patches <= {IM2COL_MAX_BYTES >> 20} MB)" if _is_x86(target) else f"kh*kw*Cin <= {IM2COL_MAX_K})")
     if cin % k_multiple:
         return "conv2d", None, f"Cin={cin} not a multiple of {k_multiple}"
     if _dtype(x) != "float32" or _shape(x) is None:
@@ -121,27 +121,31 @@ def candidate(call, k_multiple: int = 4, tiles=None) -> tuple[str, np.ndarray | 
     return "conv2d", np.ascontiguousarray(wt[0, 0].T), ""
 
 
-#: largest kh*kw*Cin of a kxk conv rewritten as im2col + int8 dense (the patch matrix is
-#: kh*kw/stride^2 times the input: fine for stems, not for a ResNet's 3x3x64 convs)
+#: largest kh*kw*Cin of a kxk conv rewritten as im2col + int8 dense on arm64 (a stem's); x86 takes any kxk conv
+#: whose patch matrix is at most IM2COL_MAX_BYTES
 IM2COL_MAX_K = 160
 
 
-#: largest patch matrix (bytes) of a kxk conv that goes int8 on AMX tiles (ResNet-18's largest: 3136 x 576)
+#: largest patch matrix (bytes: rows x kh*kw*Cp codes) of a kxk conv that goes int8 on x86 (ResNet-18's largest:
+#: 3136 x 576); a VGG-style 3x3x64 conv at 224x224 (29 MB) stays fp32
 IM2COL_MAX_BYTES = 8 << 20
 
 
-def _kxk_on_tiles(call, hwio_shape, target) -> bool:
-    """True when ``target`` has AMX and the kxk conv's im2col dense fits its tiles (K = kh*kw*Cp whole 64-byte rows, rows
-    whole tiles or padded to them): there the tiles outrun the patch matrix's extra memory pass (ResNet-18's 3x3
-    convs, all fp32 before); with VNNI alone a 3x3x64 conv is faster left fp32."""
-    if target is None or not tvm_amx.has_amx(target) or _shape(call) is None:
+def _is_x86(target) -> bool:
+    from edgellm.backends.tvm_cpu.target_info import _attrs
+
+    return target is not None and target.kind.name == "llvm" and _attrs(target)[2].startswith("x86_64")
+
+
+def _kxk_im2col(call, hwio_shape, target) -> bool:
+    """True when a kxk conv (beyond a stem) goes int8 as im2col + int8 dense: on x86, when its patch matrix is at most
+    ``IM2COL_MAX_BYTES``. The integer dense outruns the patches' extra memory pass by far (ResNet-18, 16 of its
+    3x3 convs fp32 before, 2 threads: AVX2 21.9 -> 10.4 ms, AVX-512 VNNI 14.0 -> 3.95, AMX 13.0 -> 2.48). arm64 keeps
+    stems only: not measured there."""
+    if not _is_x86(target) or _shape(call) is None:
         return False
-    kh, kw, cin, cout = hwio_shape
-    m, k = int(np.prod(_shape(call)[:-1])), kh * kw * im2col_channels(cin, kw)
-    if m * k > IM2COL_MAX_BYTES:
-        return False
-    m_tiles = m + tvm_amx.row_padding(tvm_amx.INT8, target, m, cout, k)
-    return tvm_amx.plan(tvm_amx.INT8, m_tiles, cout + (-cout % tvm_amx.LANES), k) is not None
+    kh, kw, cin, _ = hwio_shape
+    return int(np.prod(_shape(call)[:-1])) * kh * kw * im2col_channels(cin, kw) <= IM2COL_MAX_BYTES
 
 
 def _is_pointwise(attrs, kh: int, kw: int) -> bool:
@@ -314,7 +318,7 @@ class _Int8Rewriter(relax.PyExprMutator):
     def _rewrite(self, call, spec):
         if spec["mode"] == "depthwise_8bit_input":
             return self._depthwise(call, spec)
-        _, w_nk, _ = candidate(call, tiles=self.tvm_target)
+        _, w_nk, _ = candidate(call, target=self.tvm_target)
         if w_nk is None:
             return None
         bb, lanes, dt = self.builder_, self.lanes, self.act_dtype
