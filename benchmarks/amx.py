@@ -11,6 +11,7 @@ Accuracy: cosine vs the fp32 package on 16 held-out random inputs (MiniLM: int8 
 On a CPU without AMX (no ``amx_int8`` / ``amx_bf16`` in /proc/cpuinfo) it says so and times nothing.
 
     flock /tmp/edgellm-timing.lock python benchmarks/amx.py [--models kws-cnn,mobilenet-v2,minilm] [--json]
+    python benchmarks/amx.py --models benchmarks/resnet18.py:build          # any source edgellm builds
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ def measure(name: str, blocks: int, per_block: int) -> dict:
     from edgellm.compress.evaluate import engine_runner, evaluate, side_by_side
     from edgellm.trace import trace
 
-    traced = trace(source.load(f"zoo:{name}"))
+    src = name if ":" in name else f"zoo:{name}"  # a zoo name, or file.py:fn (benchmarks/resnet18.py:build)
+    traced = trace(source.load(src))
     names = [s.name for s in traced.inputs]
     held_out = random_samples(traced.inputs, 16, 9000)
     engines, out = {}, {"model": name, "threads": THREADS, "not_built": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for key, (target, opts) in VARIANTS.items():
             try:
-                pkg = api.build(f"zoo:{name}", target, Path(tmp) / f"{key}.edgepkg", backend="tvm", **opts).path
+                pkg = api.build(src, target, Path(tmp) / f"{key}.edgepkg", backend="tvm", **opts).path
             except EdgeError as err:  # bf16 on tiles: no layer of the model fits them
                 out["not_built"][key] = str(err)
                 continue
@@ -92,7 +94,7 @@ def main():
     print(f"{'model':<14}" + "".join(f"{k:>13}" for k in VARIANTS) + f"{'i8 amx/vnni':>13}{'bf16 amx/vec':>13}{'bf16amx/f32':>13}")
     for r in results:
         q = r["p50_ms"]
-        print(f"{r['model']:<14}" + "".join(f"{q[k]:>13.3f}" for k in VARIANTS)
+        print(f"{r['model'][-14:]:<14}" + "".join(f"{q[k]:>13.3f}" for k in VARIANTS)
               + f"{r['amx_vs_vectors']['int8']:>13.2f}{r['amx_vs_vectors']['bf16']:>13.2f}{r['bf16_amx_vs_fp32']:>13.2f}")
         print(f"{'':<14}cosine: {r['cosine_min_vs_fp32']}" + "".join(f"; {k} not built: {v}" for k, v in r["not_built"].items()))
 
