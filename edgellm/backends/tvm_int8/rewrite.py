@@ -27,9 +27,10 @@ Reshapes: the dense works on [M, K]; ``sink_reshapes`` moves the reshape back to
 the elementwise epilogue, so FuseOps keeps the epilogue (and the next layer's quantize) in
 the dense's PrimFunc.
 
-A kxk conv is an int8 dense too -- on x86 any whose patch matrix is at most ``IM2COL_MAX_BYTES``
-(a ResNet's 3x3 convs), on arm64 one with a small patch (``kh*kw*Cin <= IM2COL_MAX_K``: a stem): quantize + pad (one fused kernel, channels padded so a patch row is a
-multiple of 4 bytes), ``compute.im2col_primfunc`` (an opaque kernel, so the quantize is not
+A kxk conv is an int8 dense too -- on x86 any whose patch matrix is at most
+``IM2COL_MAX_BYTES`` (a ResNet's 3x3 convs), on arm64 one with a small patch
+(``kh*kw*Cin <= IM2COL_MAX_K``: a stem): quantize + pad (one fused kernel, channels padded so a
+patch row is a multiple of 4 bytes), ``compute.im2col_primfunc`` (an opaque kernel, so the quantize is not
 recomputed per patch), a free view to ``[M, kh*kw*Cp]``, the packed dense.
 
 Epilogues: ``fold_requantize`` turns each elementwise chain ending in a cast to (u)int8
@@ -108,7 +109,7 @@ def candidate(call, k_multiple: int = 4, target=None) -> tuple[str, np.ndarray |
     if int(a.groups) != 1:
         return "conv2d", None, "depthwise" if int(a.groups) == cout else "grouped"
     if not _is_pointwise(a, kh, kw):
-        # a kxk conv with a small patch (a stem: Cin 1 or 3) runs as im2col + int8 dense
+        # a kxk conv runs as im2col + int8 dense: a stem's small patch anywhere, any that fits on x86
         if all(int(d) == 1 for d in a.dilation) and _dtype(x) == "float32" and _shape(x) is not None \
                 and (kh * kw * cin <= IM2COL_MAX_K or _kxk_im2col(call, wt.shape, target)):
             return "conv2d", np.ascontiguousarray(wt.reshape(kh * kw * cin, cout).T), ""
@@ -293,7 +294,7 @@ class _Int8Rewriter(relax.PyExprMutator):
 
     def __init__(self, mod, plan, lanes, act_dtype, int_depthwise=True, weight_max=127, tvm_target=None):
         super().__init__(mod)
-        self.tvm_target = tvm_target  # AMX targets get zero rows up to whole tiles (tvm_amx.row_padding)
+        self.tvm_target = tvm_target  # x86: every kxk conv that fits (candidate); AMX: rows padded to tiles
         self.weight_max = weight_max
         self.int_depthwise = int_depthwise
         self.int_depthwise_done = 0  # depthwise convs rewritten to integer arithmetic
@@ -367,7 +368,7 @@ class _Int8Rewriter(relax.PyExprMutator):
         else:
             q = bb.emit(relax.op.reshape(q, [m, k]))
         m_pad = tvm_amx.row_padding(tvm_amx.INT8, self.tvm_target, m, n, k)
-        if m_pad:  # zero rows up to whole 16-row tiles (the pad fuses into the quantize); their outputs are sliced off
+        if m_pad:  # zero rows up to whole 16-row tiles (fused into the quantize when that is the producer), sliced off after
             q = bb.emit(relax.op.nn.pad(q, [0, m_pad, 0, 0], pad_value=float(zp)))
         acc = bb.emit(bb.call_te(dense_int8_te, q, relax.const(pack_weight(wq_p, lanes)), lanes, primfunc_name_hint="dense_int8"))
         if n_pad or m_pad:
