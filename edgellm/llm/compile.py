@@ -30,7 +30,7 @@ def compile_lm(config: LMConfig, schemes: dict[str, Scheme], target: Target, wor
     mod, named = model.export_tvm(spec=model.spec())
     params = [(name, tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in named]
     with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
-        executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline(tvm_target, before_rules=layers.schedule_passes(tvm_target)))
+        executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline(tvm_target, before_rules=layers.schedule_passes(tvm_target, config.rope_theta)))
     path = workdir / MODULE
     cxx = cross_compiler(target, platform.machine())
     executable.export_library(str(path), options=["-Wl,--strip-debug"], **({"cc": cxx} if cxx else {}))

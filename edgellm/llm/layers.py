@@ -29,12 +29,14 @@ def gather_rows(layer: Linear, ids: Tensor) -> Tensor:
     return layer.linear.gather(ids)
 
 
-def schedule_passes(target) -> list:
+def schedule_passes(target, rope_theta: float | None = None) -> list:
     """Passes that put the linear kernels' own schedules in place before edgellm's generic rules."""
     from edgellm.backends.tvm_cpu.apply import ApplyVerifiedSchedule
-    from edgellm.llm import attention
+    from edgellm.llm import attention, rope
     from edgellm.llm.norm import RMSNormRule
 
     # TVM's CPU attention kernels of the paged KV cache are scalar loops: attention.py puts vectorized,
-    # parallel flash-attention bodies in their place (same parameters, same results)
-    return [attention.schedule_pass(target), ApplyVerifiedSchedule(*qlinear.schedule_rules(), RMSNormRule())]
+    # parallel flash-attention bodies in their place (same parameters, same results); rope.py does the same for its
+    # RoPE kernel (the cache's theta: ``rope_theta``), which evaluated pow, cos and sin for every element
+    return [attention.schedule_pass(target), *([rope.schedule_pass(rope_theta)] if rope_theta else []),
+            ApplyVerifiedSchedule(*qlinear.schedule_rules(), RMSNormRule())]
