@@ -4,13 +4,15 @@
 ``llama_rope_with_position_map``) before each layer's attention: it splits the fused qkv projection into q, k, v and
 rotates q and k. For every element of every q and k head it evaluates ``pos / pow(theta, 2i / d)`` and its cos and
 sin -- three libm calls an element, the same angles for every head. SmolLM2-135M (12 rotated heads x 64): 2,304
-calls a token a layer, ~40 us of a decode step's ~50 us attention call, and most of a prompt's prefill time.
+calls a token a layer; each layer's attention call in decode went from ~53 to ~33 us without them (instrumented VM),
+decode 1.16x, time to first token 0.85x.
 
-``schedule_pass(theta)`` replaces that PrimFunc (default RoPE only, no ``rope_type`` scaling: the function must be structurally equal
-to TVM's own for the cache's theta and shapes) by one with the same parameters and the same arithmetic: per
-position, the ``d / 2`` angles by the very same expression (``pos / pow(theta, (2i % d) / d)``), their cos and sin into
-a local table, then every head's rotation ``x[i] cos - x[i + d/2] sin``, ``x[i + d/2] cos + x[i] sin`` from the table,
-vectorized along the head dim; v copied. Positions in parallel (one position: no pool launch).
+``schedule_pass(theta)`` replaces that PrimFunc (default RoPE only, no ``rope_type`` scaling: the function must be
+structurally equal to TVM's own for the cache's theta and shapes) by one with the same parameters and the same
+arithmetic: per position, the ``d / 2`` angles by the very same expression (``pos / pow(theta, (2i % d) / d)``),
+their cos and sin into a local table, then every head's rotation ``x[i] cos - x[i + d/2] sin``,
+``x[i + d/2] cos + x[i] sin`` from the table, vectorized along the head dim; v copied. Positions in parallel (one
+position: no pool launch).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def fast_rope_func(theta: float, num_q_heads: int, num_kv_heads: int, head_dim: 
 
     @T.macro
     def _rotate(src, dst, src_head, dst_head, s, cos_t, sin_t):
-        for i in T.vectorized(half):  # no let-bound temporaries: TVM 0.27's vectorizer evaluates them once, at the last lane
+        # no let-bound temporaries here: TVM 0.27's vectorizer evaluated them once, with the last lane's index
+        for i in T.vectorized(half):
             dst[s, dst_head, i] = T.Cast(dtype, cos_t[i] * T.Cast("float32", src[s, src_head, i])
                                          + sin_t[i] * (T.Cast("float32", src[s, src_head, i + half]) * T.float32(-1.0)))
             dst[s, dst_head, i + half] = T.Cast(dtype, cos_t[i] * T.Cast("float32", src[s, src_head, i + half])
