@@ -149,3 +149,21 @@ def test_packed_weight_matmul_and_conv(target):
     check_close(nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 384)), torch.randn(96, 512), target)
     conv = nn.Sequential(nn.Conv2d(256, 512, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(512, 512, 3, padding=1))
     check_close(conv, torch.randn(1, 256, 14, 14) * 0.1, target)
+
+
+class PaddedPools(nn.Module):
+    """A ResNet stem's 3x3 stride-2 max pool with padding, and padded average pools (the pad is inlined into the
+    window reads: -inf / 0 outside, and the divisor with or without the padded taps)."""
+
+    def __init__(self, c=32):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)) - 0.5  # negatives: a max pool that padded with 0 would show
+        return torch.cat([F.max_pool2d(y, 3, 2, 1), F.avg_pool2d(y, 3, 2, 1),
+                          F.avg_pool2d(y, 3, 2, 1, count_include_pad=False)], dim=1)
+
+
+def test_padded_pools():
+    check_close(PaddedPools(), torch.randn(1, 3, 28, 27))
