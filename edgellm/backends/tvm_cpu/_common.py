@@ -155,7 +155,7 @@ def schedule_injective(sch, block, lanes: int, parallel_min: int = PARALLEL_MIN_
         # whole vectors along the innermost dim; a gather / slice / reshape keeps that dim apart even when it is not
         # whole 16-lane vectors, so its index arithmetic simplifies (MobileNet-V2's [3136, 32] -> [1, 56, 56, 24]
         # slice + bias: 100 us fused and gathered 16 lanes at a time, vs 8-lane contiguous rows)
-        outer_last, vec = sch.split(loops[-1], factors=[None, inner_v if exts[-1] % lanes else lanes])
+        outer_last, vec = sch.split(loops[-1], factors=[None, inner_v])  # lanes itself where the dim is whole vectors
         outer = list(loops[:-1]) + [outer_last]
     else:
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]

@@ -20,7 +20,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
 
 from ._common import (SafeRule, TileInfo, _linear_coef, debug_exception, dtype_bits, is_spatial_block,
-                      largest_pow2_divisor, root_blocks, schedule_tiled_reduction, split_around_reduction, uses_var)
+                      largest_pow2_divisor, root_blocks, schedule_tiled_reduction, uses_var)
 from .target_info import vector_bits
 from .matmul import _is_multiply_accumulate, find_single_reduction
 
@@ -32,14 +32,11 @@ class Pooling(SafeRule):
         _, main = find_single_reduction(sch)
         if _is_multiply_accumulate(sch.get(main.block_rv)):
             return None
+        from .elementwise import inline_all  # pylint: disable=import-outside-toplevel
+
         # the pad is inlined into the window reads (a bounds test per vector): computed per tile into a full-size
         # buffer it cost ResNet-18's 3x3 stride-2 max pool over 112x112x64 a write pass (67 -> 55 us)
-        producers, _ = split_around_reduction(sch, main.block_rv)
-        for block in producers:
-            try:
-                sch.compute_inline(block)
-            except Exception:  # pylint: disable=broad-except
-                pass
+        inline_all(sch, func)
         _, main = find_single_reduction(sch)
         tile = TileInfo(sch, main)
         if tile.vec_reads < 1:
