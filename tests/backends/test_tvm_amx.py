@@ -209,16 +209,21 @@ def test_loading_an_amx_package_asks_linux_for_the_tile_state():
     assert out.split() == ["False", "True"], out
 
 
+def _package_asm(result, tmp_path) -> str:
+    """The disassembly of a built package's model.so."""
+    with zipfile.ZipFile(result.path) as z:
+        (tmp_path / "model.so").write_bytes(z.read("model.so"))
+    return subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "model.so")], capture_output=True,
+                          text=True, check=True).stdout
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
 def test_int8_package_for_amx_target_uses_tiles_and_verifies(tmp_path):
     result = api.build("zoo:minilm", "x86_64-amx", tmp_path / "m.edgepkg", quantize="int8", backend="tvm")
     m = result.manifest
     assert "AMX tdpbusd" in m["backend"]["quantize"]["compute"], m["backend"]["quantize"]
-    with zipfile.ZipFile(result.path) as z:
-        (tmp_path / "model.so").write_bytes(z.read("model.so"))
-    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "model.so")], capture_output=True,
-                         text=True, check=True).stdout
+    asm = _package_asm(result, tmp_path)
     assert len(re.findall(r"\btdpbusd\b", asm)) >= 4  # each 128-row dense (M = the 128 tokens) on tiles
     assert m["backend"]["quantize"]["attention_matmuls"].startswith("12 ")  # Q K^T and P V of 6 layers, on tiles
     assert not any("activation x activation" in k for k in m["backend"]["quantize"]["layers_fp32"])
@@ -251,9 +256,6 @@ def test_int8_kxk_convs_run_as_int8_denses_and_on_amx_with_rows_padded_to_tiles(
                        backend="tvm")
     q = result.manifest["backend"]["quantize"]
     assert q["layers_int8"] == 4 and not q["layers_fp32"], q
-    with zipfile.ZipFile(result.path) as z:
-        (tmp_path / "model.so").write_bytes(z.read("model.so"))
-    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "model.so")], capture_output=True,
-                         text=True, check=True).stdout
+    asm = _package_asm(result, tmp_path)
     assert bool(re.search(r"\btdpbusd\b", asm)) == (target == "x86_64-amx")
     assert result.manifest["verification"]["status"] == ("passed" if flags <= cpu_flags() else "skipped")
